@@ -1,0 +1,164 @@
+"""Engine: wires loader, model, cache, scheduler and runner; `step()` runs one batch and emits outputs."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from reprise.cache.manager import CacheManager, CacheStats
+from reprise.config import EngineConfig, format_bytes
+from reprise.engine.detokenize import IncrementalDetokenizer
+from reprise.engine.request import FinishReason, Request, RequestOutput, RequestStatus, SamplingParams
+from reprise.engine.runner import ModelRunner, default_dtype, kv_bytes_per_block
+from reprise.engine.scheduler import Scheduler
+from reprise.loader import load_model
+from reprise.models import build_model
+
+log = logging.getLogger("reprise")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float32": torch.float32, "fp32": torch.float32}
+DEFAULT_KV_FRACTION = 0.2       # of available memory, when --kv-cache-bytes is not given
+DEFAULT_KV_CAP = 4 * 2**30
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+    cache: CacheStats
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None:
+        return default_dtype(device)
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r} (use one of bfloat16, float16, float32)")
+    return _DTYPES[name]
+
+
+def default_kv_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        available = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        available = 8 * 2**30
+    return min(int(available * DEFAULT_KV_FRACTION), DEFAULT_KV_CAP)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig = EngineConfig()):
+        self.config = config
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        loaded = load_model(config.model)
+        self.model_config, self.tokenizer, self.model_path = loaded.config, loaded.tokenizer, loaded.path
+        model = build_model(self.model_config)
+        model.load_weights(loaded.weights())
+        model.to(device=self.device, dtype=self.dtype).eval()
+        self.block_size = config.block_size
+        self.kv_cache_bytes = config.kv_cache_bytes or default_kv_bytes()
+        block_bytes = kv_bytes_per_block(self.model_config, self.block_size, self.dtype)
+        self.num_blocks = self.kv_cache_bytes // block_bytes
+        if self.num_blocks < 2:
+            raise ValueError(f"--kv-cache-bytes {format_bytes(self.kv_cache_bytes)} holds fewer than 2 blocks "
+                             f"of {format_bytes(block_bytes)}; give it more")
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        self.cache = CacheManager(self.num_blocks, self.block_size, enable_prefix_cache=config.prefix_cache)
+        self.scheduler = Scheduler(self.cache, self.block_size, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.model_config, self.num_blocks, self.block_size, self.max_model_len,
+                                  self.device, self.dtype, config.seed)
+        self._requests: dict[str, Request] = {}
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+
+    @property
+    def pool_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def check_prompt(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
+        """Raises ValueError with what to change when a request can never run."""
+        if num_prompt_tokens == 0:
+            raise ValueError("the prompt is empty")
+        limit = min(self.max_model_len, self.pool_tokens)
+        wanted = num_prompt_tokens + (max_tokens or 1)
+        if wanted > limit:
+            what = "context window" if self.max_model_len <= self.pool_tokens else "KV cache pool"
+            raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens or 1}) = {wanted} "
+                             f"exceeds the {what} of {limit} tokens; shorten the prompt or lower max_tokens")
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, salt: str | None = None,
+                    request_id: str | None = None) -> Request:
+        self.check_prompt(len(prompt_ids), params.max_tokens)
+        request = Request(prompt_ids, params, salt, request_id)
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self._requests[request.request_id] = request
+        self._detokenizers[request.request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
+        self.scheduler.add(request)
+        return request
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self._requests.get(request_id)
+        if request is None:
+            return None
+        self.scheduler.finish(request, FinishReason.ABORT)
+        return self._emit(request, "", [])
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return []
+        sampled = self.runner.execute(plan)
+        outputs = []
+        for request in self.scheduler.update(plan, sampled):
+            outputs.append(self._advance(request))
+        return outputs
+
+    def _advance(self, request: Request) -> RequestOutput:
+        token = request.output_ids[-1]
+        params = request.params
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
+        detokenizer = self._detokenizers[request.request_id]
+        reason = None
+        delta = ""
+        if (token in self.tokenizer.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            reason = FinishReason.STOP
+        else:
+            delta = detokenizer.push(token)
+            if detokenizer.stopped:
+                reason = FinishReason.STOP
+        if reason is None and params.max_tokens is not None and len(request.output_ids) >= params.max_tokens:
+            reason = FinishReason.LENGTH
+        if reason is None and request.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            delta += detokenizer.flush()
+            self.scheduler.finish(request, reason)
+        return self._emit(request, delta, [token])
+
+    def _emit(self, request: Request, delta: str, delta_ids: list[int]) -> RequestOutput:
+        finished = request.status is RequestStatus.FINISHED
+        detokenizer = self._detokenizers[request.request_id]
+        if finished:
+            del self._requests[request.request_id]
+            del self._detokenizers[request.request_id]
+            self.runner.sampler.forget(request.request_id)
+        metrics = {"arrival": request.arrival, "first_token": request.first_token_time,
+                   "finished": time.monotonic() if finished else None, "preemptions": request.num_preemptions}
+        return RequestOutput(
+            request.request_id, request.prompt_ids, list(request.output_ids), detokenizer.text, delta, delta_ids,
+            request.cached_tokens or 0, request.finish_reason, request.miss, request.diverged_at, metrics)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
+                           self.scheduler.num_preemptions, self.cache.stats)

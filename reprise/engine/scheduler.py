@@ -1,0 +1,178 @@
+"""Scheduler: waiting and running queues, a token budget per step, chunked prefill, preemption.
+
+It decides and owns no memory: blocks come from the CacheManager, tensors from the ModelRunner.
+Each step every decoding request gets its one token first; prefill chunks share what is left of
+the budget, cut on the block grid so a cold run and a run resumed from the cache chunk alike.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from reprise.cache.manager import CacheManager
+from reprise.engine.request import FinishReason, Request, RequestStatus
+from reprise.engine.runner import ScheduledChunk, StepPlan
+
+
+class Scheduler:
+    def __init__(self, cache: CacheManager, block_size: int, max_num_seqs: int, max_num_batched_tokens: int):
+        self.cache = cache
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> StepPlan:
+        prefills: list[ScheduledChunk] = []
+        decodes: list[Request] = []
+        num_decodes = sum(1 for r in self.running if r.num_uncomputed == 1)
+        budget = max(self.max_num_batched_tokens - num_decodes, 0)
+        scheduled: set[str] = set()
+        for request in list(self.running):
+            if request.status is not RequestStatus.RUNNING or request.request_id in scheduled:
+                continue
+            budget = self._schedule_one(request, budget, prefills, decodes, scheduled)
+        copies = self._admit(budget, prefills, decodes)
+        return StepPlan(tuple(prefills), tuple(decodes), tuple(copies))
+
+    def _schedule_one(self, request: Request, budget: int, prefills, decodes, scheduled) -> int:
+        """Plans one running request's tokens, preempting later requests if blocks run short."""
+        num_tokens = 1 if request.num_uncomputed == 1 else self._chunk_size(request, budget)
+        if num_tokens == 0:
+            return budget
+        while not self.cache.allocate(request.cache, request.num_computed + num_tokens):
+            victim = self._pick_victim(scheduled)
+            self.preempt(victim)
+            if victim is request:
+                return budget
+        scheduled.add(request.request_id)
+        if request.num_uncomputed == 1:
+            decodes.append(request)
+            return budget
+        prefills.append(ScheduledChunk(request, num_tokens, num_tokens == request.num_uncomputed))
+        return budget - num_tokens
+
+    def _chunk_size(self, request: Request, budget: int) -> int:
+        """All that is left if it fits; else up to a block boundary (the grid a cold run uses)."""
+        remaining = request.num_uncomputed
+        if remaining <= budget:
+            return remaining
+        end = (request.num_computed + budget) // self.block_size * self.block_size
+        return max(end - request.num_computed, 0)
+
+    def _pick_victim(self, scheduled: set[str]) -> Request:
+        """The most recently admitted request not yet planned this step (the caller itself last)."""
+        for request in reversed(self.running):
+            if request.request_id not in scheduled:
+                return request
+        raise RuntimeError("no request left to preempt")  # unreachable: the caller is never scheduled yet
+
+    def preempt(self, request: Request) -> None:
+        """Frees its blocks (what it computed stays in the prefix cache) and queues it first to resume."""
+        self.cache.release(request.cache, request.all_ids[:request.num_computed])
+        request.cache, request.num_computed = None, 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.running.remove(request)
+        self.waiting.appendleft(request)
+
+    def _admit(self, budget: int, prefills, decodes) -> list[tuple[int, int]]:
+        copies: list[tuple[int, int]] = []
+        deferred: list[Request] = []
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            request = self.waiting.popleft()
+            match = self.cache.match(request.all_ids, request.salt)
+            if self._prefix_in_flight(request, match.cached_tokens):
+                deferred.append(request)
+                continue
+            acquired = self.cache.acquire(match, request.salt)
+            if acquired is None:
+                self.waiting.appendleft(request)
+                break
+            request.cache, copy = acquired
+            request.num_computed = match.cached_tokens
+            num_tokens = 1 if request.num_uncomputed == 1 else self._chunk_size(request, budget)
+            if num_tokens == 0 or not self.cache.allocate(request.cache, request.num_computed + num_tokens):
+                self.cache.release(request.cache, [])
+                request.cache, request.num_computed = None, 0
+                self.waiting.appendleft(request)
+                break
+            self._start(request, match)
+            if copy is not None:
+                copies.append(copy)
+            if request.num_uncomputed == 1:
+                decodes.append(request)
+            else:
+                prefills.append(ScheduledChunk(request, num_tokens, num_tokens == request.num_uncomputed))
+                budget -= num_tokens
+        self.waiting.extendleft(reversed(deferred))
+        return copies
+
+    def _start(self, request: Request, match) -> None:
+        if request.cached_tokens is None:       # first admission; a resumed request keeps its numbers
+            request.cached_tokens = match.cached_tokens
+            request.miss, request.diverged_at = match.miss, match.diverged_at
+            self.cache.record(len(request.prompt_ids), match.cached_tokens)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def _prefix_in_flight(self, request: Request, num_cached: int) -> bool:
+        """True if a running request is computing at least one more block of this prompt right now.
+
+        Waiting for it (its blocks enter the index as each chunk completes) beats computing the
+        same prefix twice in parallel.
+        """
+        for other in self.running:
+            if other.salt != request.salt or other.num_uncomputed <= 1:
+                continue
+            shared = common_prefix_length(request.all_ids, other.prompt_ids)
+            if shared - num_cached >= self.block_size and other.num_computed < shared:
+                return True
+        return False
+
+    def update(self, plan: StepPlan, sampled: list[int]) -> list[Request]:
+        """Applies a step's results; returns the requests that got a new token."""
+        tokens = iter(sampled)
+        advanced = []
+        for item in plan.prefills:
+            request = item.request
+            request.num_computed += item.num_tokens
+            if item.samples:
+                request.output_ids.append(next(tokens))
+                advanced.append(request)
+            self.cache.commit(request.cache, request.all_ids[:request.num_computed])
+        for request in plan.decodes:
+            request.num_computed += 1
+            request.output_ids.append(next(tokens))
+            advanced.append(request)
+        return advanced
+
+    def finish(self, request: Request, reason: FinishReason) -> None:
+        """Ends a request, running or waiting; what it computed goes into the prefix cache."""
+        if request.status is RequestStatus.RUNNING:
+            self.cache.release(request.cache, request.all_ids[:request.num_computed])
+            request.cache = None
+            self.running.remove(request)
+        elif request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    limit = min(len(a), len(b))
+    step, i = 256, 0
+    while i + step <= limit and a[i:i + step] == b[i:i + step]:
+        i += step
+    while i < limit and a[i] == b[i]:
+        i += 1
+    return i
