@@ -1,7 +1,7 @@
 """The library: LLM and ChatSession, a thin layer over Engine."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from reprise.config import EngineConfig, parse_bytes
 from reprise.engine.engine import Engine
@@ -32,10 +32,18 @@ class LLM:
     def chat(self, messages: list[dict], params: SamplingParams | None = None,
              salt: str | None = None) -> RequestOutput:
         """Applies the chat template (reusing the exact ids of replies this LLM produced) and generates."""
-        ids = chat_prompt_ids(self.tokenizer, messages, self.replies)
-        output = self._run([ids], params or SamplingParams(), salt)[0]
-        self.replies.remember(output.text, self._reply_ids(output))
+        *_, output = self.stream_chat(messages, params, salt)
         return output
+
+    def stream_chat(self, messages: list[dict], params: SamplingParams | None = None,
+                    salt: str | None = None) -> Iterator[RequestOutput]:
+        """Like chat, yielding an output per new token; the last one is finished."""
+        ids = chat_prompt_ids(self.tokenizer, messages, self.replies)
+        request = self.engine.add_request(ids, params or SamplingParams(), salt)
+        for output in self._outputs({request.request_id}):
+            if output.finished:
+                self.replies.remember(output.text, self._reply_ids(output))
+            yield output
 
     def _reply_ids(self, output: RequestOutput) -> list[int]:
         ids = output.token_ids
@@ -45,12 +53,22 @@ class LLM:
 
     def _run(self, prompt_ids: list[list[int]], params: SamplingParams, salt: str | None) -> list[RequestOutput]:
         requests = [self.engine.add_request(ids, params, salt) for ids in prompt_ids]
-        final: dict[str, RequestOutput] = {}
-        while len(final) < len(requests):
-            for output in self.engine.step():
-                if output.finished:
-                    final[output.request_id] = output
+        final = {o.request_id: o for o in self._outputs({r.request_id for r in requests}) if o.finished}
         return [final[r.request_id] for r in requests]
+
+    def _outputs(self, request_ids: set[str]) -> Iterator[RequestOutput]:
+        """Steps the engine until these requests finish; aborts them if the caller stops early."""
+        pending = set(request_ids)
+        try:
+            while pending:
+                for output in self.engine.step():
+                    if output.request_id in pending:
+                        if output.finished:
+                            pending.discard(output.request_id)
+                        yield output
+        finally:
+            for request_id in pending:
+                self.engine.abort(request_id)
 
 
 class ChatSession:
@@ -62,7 +80,13 @@ class ChatSession:
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
 
     def send(self, text: str, params: SamplingParams | None = None) -> RequestOutput:
-        self.messages.append({"role": "user", "content": text})
-        output = self.llm.chat(self.messages, params, self.salt)
-        self.messages.append({"role": "assistant", "content": output.text})
+        *_, output = self.stream(text, params)
         return output
+
+    def stream(self, text: str, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yields the reply as it is generated; the history grows by the turn once it finishes."""
+        messages = [*self.messages, {"role": "user", "content": text}]
+        for output in self.llm.stream_chat(messages, params, self.salt):
+            if output.finished:
+                self.messages = [*messages, {"role": "assistant", "content": output.text}]
+            yield output

@@ -1,0 +1,37 @@
+"""`reprise bench decode|prefix`: in-process benchmarks that print a table and write JSON."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_bench_parser(commands, engine_flags) -> argparse.ArgumentParser:
+    bench = commands.add_parser("bench", help="benchmarks: decode (throughput), prefix (cache TTFT)")
+    bench.add_argument("what", choices=["decode", "prefix"])
+    engine_flags(bench)
+    bench.add_argument("--prompt-tokens", type=int, default=2000, help="decode: prefill prompt length")
+    bench.add_argument("--batch-sizes", default="1,8", help="decode: concurrent streams to measure")
+    bench.add_argument("--decode-tokens", type=int, default=128, help="decode: tokens generated per stream")
+    bench.add_argument("--lengths", default="2000,4000,8000", help="prefix: prompt lengths in tokens")
+    bench.add_argument("--output-tokens", type=int, default=32, help="prefix: tokens generated per request")
+    bench.add_argument("--repeats", type=int, default=3, help="prefix: hot runs per case (median reported)")
+    bench.add_argument("--out", default=None, help="write the results as JSON here")
+    bench.add_argument("--plot", default=None, help="prefix: write a PNG chart here")
+    return bench
+
+
+def run_bench(args: argparse.Namespace, llm_kwargs: dict) -> int:
+    from reprise.bench.report import environment, print_table, write_json
+    if args.what == "decode":
+        from reprise.bench.decode import run_decode
+        result = run_decode(llm_kwargs, args.prompt_tokens, [int(b) for b in args.batch_sizes.split(",")],
+                            args.decode_tokens)
+    else:
+        from reprise.bench.prefix import plot_prefix, run_prefix
+        result = run_prefix(llm_kwargs, [int(n) for n in args.lengths.split(",")], args.output_tokens, args.repeats)
+        if args.plot:
+            plot_prefix(result, args.plot)
+    result["environment"] = environment(llm_kwargs)
+    print_table(result["rows"])
+    if args.out:
+        write_json(result, args.out)
+    return 0

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import queue
 import threading
+import uuid
 from collections.abc import AsyncIterator
 
 from reprise.engine.engine import Engine
@@ -38,10 +39,11 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         added: asyncio.Future = loop.create_future()
+        request_id = request_id or f"req-{uuid.uuid4().hex}"
         self._commands.put(("add", (prompt_ids, params, salt, request_id, loop, outputs, added)))
-        request_id = await added
         finished = False
         try:
+            await added
             while not finished:
                 output = await outputs.get()
                 if isinstance(output, BaseException):
@@ -49,7 +51,7 @@ class AsyncEngine:
                 finished = output.finished
                 yield output
         finally:
-            if not finished:
+            if not finished:           # also when cancelled before the engine thread saw the add
                 self._commands.put(("abort", request_id))
 
     def abort(self, request_id: str) -> None:

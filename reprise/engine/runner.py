@@ -64,13 +64,17 @@ class ModelRunner:
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, max_model_len, device, dtype)
         self.sampler = Sampler(seed)
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[int]:
         """Runs one step; returns the sampled token of each chunk that samples, then of each decode."""
+        logits, sampling = self.forward(plan)
+        return self.sampler.sample(logits, [r.request_id for r in sampling], [r.params for r in sampling])
+
+    @torch.inference_mode()
+    def forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[Request]]:
+        """Float32 logits [num_sampling, vocab] and the requests they belong to, in plan order."""
         self._copy_blocks(plan.copies)
         input_ids, positions, batch, logits_indices, sampling = self._prepare(plan)
-        logits = self.model(input_ids, self.rope.table(positions), self.kv_caches, batch, logits_indices)
-        return self.sampler.sample(logits, [r.request_id for r in sampling], [r.params for r in sampling])
+        return self.model(input_ids, self.rope.table(positions), self.kv_caches, batch, logits_indices), sampling
 
     def _copy_blocks(self, copies) -> None:
         if not copies:

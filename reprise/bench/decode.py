@@ -1,0 +1,57 @@
+"""Prefill and decode throughput of the engine itself (no HTTP), the figures of the engine issue."""
+from __future__ import annotations
+
+import random
+import time
+
+from tqdm import tqdm
+
+from reprise.engine.request import SamplingParams
+from reprise.llm import LLM
+
+
+def random_prompt(llm: LLM, num_tokens: int, rng: random.Random) -> list[int]:
+    """Token ids of ordinary text, never seen before (so nothing is cached)."""
+    words = ["cache", "prefix", "token", "block", "model", "river", "stone", "light", "number", "garden",
+             "window", "paper", "music", "signal", "harbor", "engine", "forest", "winter", "yellow", "silver"]
+    ids: list[int] = []
+    while len(ids) < num_tokens:
+        ids.extend(llm.tokenizer.encode(" ".join(rng.choice(words) for _ in range(64)) + f" {rng.random()}."))
+    return ids[:num_tokens]
+
+
+def measure_prefill(llm: LLM, num_tokens: int, rng: random.Random) -> float:
+    prompt = random_prompt(llm, num_tokens, rng)
+    start = time.perf_counter()
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1))
+    return num_tokens / (time.perf_counter() - start)
+
+
+def measure_decode(llm: LLM, batch_size: int, num_tokens: int, rng: random.Random) -> float:
+    """Aggregate tokens/s once every stream has its first token, until all finish."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True)
+    for _ in range(batch_size):
+        engine.add_request(random_prompt(llm, 32, rng), params)
+    started: set[str] = set()
+    decode_start, generated = None, 0
+    while engine.has_work:
+        for output in engine.step():
+            if output.request_id not in started:
+                started.add(output.request_id)
+                if len(started) == batch_size:
+                    decode_start = time.perf_counter()
+            elif decode_start is not None:
+                generated += 1
+    return generated / (time.perf_counter() - decode_start)
+
+
+def run_decode(llm_kwargs: dict, prompt_tokens: int, batch_sizes: list[int], decode_tokens: int) -> dict:
+    llm = LLM(**llm_kwargs)
+    rng = random.Random(0)
+    measure_prefill(llm, 256, rng)                        # warm-up
+    rows = [{"case": f"prefill {prompt_tokens} tokens", "tokens_per_s": measure_prefill(llm, prompt_tokens, rng)}]
+    for batch_size in tqdm(batch_sizes, desc="decode", leave=False):
+        rows.append({"case": f"decode batch {batch_size}",
+                     "tokens_per_s": measure_decode(llm, batch_size, decode_tokens, rng)})
+    return {"benchmark": "decode", "dtype": str(llm.engine.dtype).removeprefix("torch."), "rows": rows}

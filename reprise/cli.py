@@ -1,0 +1,112 @@
+"""reprise serve | generate | chat | bench  (argparse -> EngineConfig)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from reprise.config import EngineConfig, parse_bytes
+
+
+def _engine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="compute dtype (default: bfloat16 where the CPU has native bf16 matmul, else float32)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--kv-cache-bytes", type=parse_bytes, default=None,
+                        help="KV pool budget, e.g. 512MiB or 4GiB (default: 20%% of available memory, at most 4GiB)")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument("--no-prefix-cache", action="store_true", help="never reuse cached prefixes (for A/B runs)")
+    parser.add_argument("--max-num-seqs", type=int, default=32, help="running requests at most")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length cap")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, kv_cache_bytes=args.kv_cache_bytes,
+                        block_size=args.block_size, prefix_cache=not args.no_prefix_cache,
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        max_model_len=args.max_model_len, seed=args.seed)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from reprise.server.serve import serve
+    serve(engine_config(args), host=args.host, port=args.port,
+          api_key=args.api_key or os.environ.get("REPRISE_API_KEY"), served_model_name=args.served_model_name)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from reprise import LLM, SamplingParams
+    llm = LLM(**_llm_kwargs(args))
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sampling_seed)
+    output = llm.chat([{"role": "user", "content": args.prompt}], params) if args.chat_template \
+        else llm.generate(args.prompt, params)[0]
+    print(output.text)
+    print(f"[{len(output.prompt_token_ids)} prompt tokens, {output.cached_tokens} cached, "
+          f"{len(output.token_ids)} generated, finish: {output.finish_reason.value}]", file=sys.stderr)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from reprise.chat_repl import run_chat
+    return run_chat(_llm_kwargs(args), args.system, args.temperature, args.max_tokens)
+
+
+def _llm_kwargs(args: argparse.Namespace) -> dict:
+    config = engine_config(args)
+    return dict(model=config.model, dtype=config.dtype, kv_cache_bytes=config.kv_cache_bytes,
+                prefix_cache=config.prefix_cache, device=config.device, block_size=config.block_size,
+                max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=config.max_model_len, seed=config.seed)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from reprise.bench import run_bench
+    return run_bench(args, _llm_kwargs(args) if args.what != "serve" else {})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reprise", description="LLM inference built around the prefix cache")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible API")
+    _engine_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env REPRISE_API_KEY)")
+    serve.add_argument("--served-model-name", default=None)
+    serve.set_defaults(run=_serve)
+
+    generate = commands.add_parser("generate", help="complete one prompt")
+    _engine_flags(generate)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--sampling-seed", type=int, default=None)
+    generate.add_argument("--chat-template", action="store_true", help="wrap the prompt as one user message")
+    generate.set_defaults(run=_generate)
+
+    chat = commands.add_parser("chat", help="interactive multi-turn chat, streamed")
+    _engine_flags(chat)
+    chat.add_argument("--system", default=None)
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.set_defaults(run=_chat)
+
+    from reprise.bench import add_bench_parser
+    add_bench_parser(commands, _engine_flags).set_defaults(run=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

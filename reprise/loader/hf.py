@@ -1,0 +1,191 @@
+"""Hugging Face model directories: config.json, *.safetensors (sharded or not), tokenizer files."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+
+import tokenizers
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from reprise.loader.errors import LoadError
+from reprise.models.config import ModelConfig
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "MistralForCausalLM": "mistral",
+}
+_SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+_SKIPPED = ("rotary_emb.inv_freq",)      # buffers some old checkpoints saved; recomputed by the model
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (OSError, ValueError) as error:
+        raise LoadError(f"cannot read {path}: {' '.join(str(error).split())}") from None
+
+
+def hf_config(path: str) -> ModelConfig:
+    """ModelConfig from config.json, plus eos ids from generation_config.json (an int or a list)."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise LoadError(f"no config.json in model directory {path}")
+    raw = _read_json(config_path)
+    arch = _architecture(raw, path)
+    _check_supported_options(raw, arch, config_path)
+    generation_path = os.path.join(path, "generation_config.json")
+    generation = _read_json(generation_path) if os.path.isfile(generation_path) else {}
+    rope_theta, rope_scaling = _rope(raw)
+    try:
+        num_heads = raw["num_attention_heads"]
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_hidden_layers=raw["num_hidden_layers"],
+            num_attention_heads=num_heads,
+            num_key_value_heads=raw.get("num_key_value_heads") or num_heads,
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=raw.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=arch == "qwen2",
+            qk_norm=arch == "qwen3",
+            sliding_window=raw.get("sliding_window") if arch == "mistral" else None,
+            bos_token_id=next((i for i in (raw.get("bos_token_id"), generation.get("bos_token_id")) if i is not None),
+                              None),
+            eos_token_ids=_ids(raw.get("eos_token_id"), generation.get("eos_token_id")),
+            name=os.path.basename(os.path.normpath(path)),
+        )
+    except KeyError as error:
+        raise LoadError(f"{config_path} has no {error.args[0]!r}") from None
+
+
+def hf_weights(path: str, config: ModelConfig) -> Callable[[], Iterator[tuple[str, torch.Tensor]]]:
+    """A function yielding (HF name, float32 tensor) from every safetensors file, one tensor at a time.
+
+    The files' headers are read now, so a missing or unreadable shard fails at load time.
+    `lm_head.weight` is skipped when the embeddings are tied.
+    """
+    names = []
+    for file in _safetensors_files(path):
+        try:
+            with safe_open(file, framework="pt") as handle:
+                names += [(file, key) for key in handle.keys()
+                          if not key.endswith(_SKIPPED) and not (config.tie_word_embeddings and key == "lm_head.weight")]
+        except Exception as error:  # safetensors raises its own SafetensorError on a bad header
+            raise LoadError(f"corrupt safetensors file {file}: {' '.join(str(error).split())}") from None
+
+    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+        with ExitStack() as stack:
+            handles = {}
+            for file, key in tqdm(names, desc="loading weights", unit="tensor"):
+                if file not in handles:
+                    handles[file] = stack.enter_context(safe_open(file, framework="pt"))
+                yield key, handles[file].get_tensor(key).float()
+    return weights
+
+
+def hf_tokenizer_parts(path: str) -> tuple[tokenizers.Tokenizer, dict[str, str], str | None]:
+    """(tokenizer.json, special token texts, chat template) of a model directory.
+
+    The template comes from chat_template.jinja when present (newer transformers saves it
+    there), else from tokenizer_config.json ("default" when it holds several).
+    """
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        raise LoadError(f"no tokenizer.json in model directory {path}")
+    try:
+        backend = tokenizers.Tokenizer.from_file(file)
+    except Exception as error:  # tokenizers raises a plain Exception on bad JSON
+        raise LoadError(f"cannot read {file}: {' '.join(str(error).split())}") from None
+    config = _optional_json(os.path.join(path, "tokenizer_config.json"))
+    legacy = _optional_json(os.path.join(path, "special_tokens_map.json"))
+    special_tokens = {name: _token_text(config.get(name, legacy.get(name))) for name in _SPECIAL_TOKEN_NAMES}
+    return backend, special_tokens, _chat_template(path, config)
+
+
+def _architecture(raw: dict, path: str) -> str:
+    names = raw.get("architectures") or []
+    if names and names[0] in ARCHITECTURES:
+        return ARCHITECTURES[names[0]]
+    if not names and raw.get("model_type") in ARCHITECTURES.values():
+        return raw["model_type"]
+    found = names[0] if names else raw.get("model_type")
+    raise LoadError(f"unsupported architecture {found!r} in {path} "
+                    f"(supported: {', '.join(ARCHITECTURES.values())})")
+
+
+def _check_supported_options(raw: dict, arch: str, config_path: str) -> None:
+    """Options of these families that change the weights or the attention pattern, which we lack."""
+    unsupported = [key for key in ("mlp_bias", "use_sliding_window") if raw.get(key)]
+    if arch != "qwen2" and raw.get("attention_bias"):
+        unsupported.append("attention_bias")
+    if unsupported:
+        raise LoadError(f"unsupported option {unsupported[0]}=true in {config_path}")
+
+
+def _rope(raw: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling in HF form or None) from either config layout.
+
+    transformers 5 writes one `rope_parameters` dict holding rope_theta; older configs have a
+    top-level rope_theta and a `rope_scaling` dict that may say "type" for "rope_type".
+    """
+    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    theta = float(params.pop("rope_theta", raw.get("rope_theta", 10000.0)))
+    legacy_type = params.pop("type", None)
+    params.setdefault("rope_type", legacy_type or "default")
+    return theta, None if params["rope_type"] == "default" else params
+
+
+def _ids(*values) -> tuple[int, ...]:
+    ids = []
+    for value in values:
+        ids += [value] if isinstance(value, int) else list(value or ())
+    return tuple(dict.fromkeys(ids))
+
+
+def _optional_json(path: str) -> dict:
+    return _read_json(path) if os.path.isfile(path) else {}
+
+
+def _token_text(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _chat_template(path: str, config: dict) -> str | None:
+    jinja_file = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(jinja_file):
+        with open(jinja_file, encoding="utf-8") as file:
+            return file.read()
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {entry["name"]: entry["template"] for entry in template}
+        return named.get("default", next(iter(named.values()), None))
+    return template
+
+
+def _safetensors_files(path: str) -> list[str]:
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        shards = sorted(set(_read_json(index_path).get("weight_map", {}).values()))
+        files = [os.path.join(path, shard) for shard in shards]
+        for file in files:
+            if not os.path.isfile(file):
+                raise LoadError(f"shard {file} listed in {index_path} is missing")
+        return files
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise LoadError(f"no *.safetensors weights in model directory {path}")
+    return files

@@ -1,0 +1,252 @@
+"""Tokenizer: the model's own vocabulary (tokenizers, the Rust library) and chat template (jinja2).
+
+Also token continuity: `ReplyMemory` and `chat_prompt_ids` keep a reply's generated ids when a
+chat client sends it back as text, so the next turn's prompt extends the ids the cache holds.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from functools import lru_cache
+
+import gguf
+import jinja2
+import jinja2.ext
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+
+from reprise.loader.errors import LoadError
+from reprise.loader.gguf import read_field
+from reprise.loader.hf import hf_tokenizer_parts
+
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4     # llama.cpp's tokenizer.ggml.token_type values
+
+# How text is split before BPE, by `tokenizer.ggml.pre`: the regex the vocabulary's merges were
+# learned with (transformers' GGUF loader uses the same table). Anything else, "smollm"
+# included, gets GPT-2's regex. llama.cpp also splits digits one by one for "smollm"; SmolLM's
+# vocabulary has no multi-digit token and no merge with a digit, so that changes nothing.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3", "pixtral"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
+    "tekken": _TEKKEN_SPLIT,
+}
+# llama.cpp (and Llama 3's tokenizer.json) take a pre-token that is itself in the vocabulary whole
+_IGNORE_MERGES = frozenset(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"))
+
+
+class Tokenizer:
+    """Text <-> ids for one model, and its chat template rendered the way transformers renders it.
+
+    `encode` never adds BOS/EOS unless `add_special_tokens` (then only what the model's own
+    tokenizer adds); special tokens written in the text (`<|im_start|>`) become their single ids.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, special_tokens: dict[str, str],
+                 eos_token_ids: Iterable[int] = (), chat_template: str | None = None):
+        """`special_tokens` maps bos_token/eos_token/unk_token/pad_token to their text, as templates see them.
+
+        `eos_token_ids` are the model's stop ids (generation config, end-of-turn tokens); the
+        eos_token's id is always among them.
+        """
+        self._backend = backend
+        self.special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
+        self.bos_token_id = self._id_of(self.special_tokens.get("bos_token"))
+        eos_id = self._id_of(self.special_tokens.get("eos_token"))
+        self.eos_token_ids = frozenset(eos_token_ids) | ({eos_id} if eos_id is not None else frozenset())
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.chat_template = chat_template
+        self._special_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
+
+    @classmethod
+    def from_gguf(cls, reader: gguf.GGUFReader, path: str) -> Tokenizer:
+        """From GGUF metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`), as transformers builds it.
+
+        Only byte-level BPE vocabularies (`tokenizer.ggml.model` = gpt2) are supported.
+        """
+        def field(name, default=None):
+            return read_field(reader, f"tokenizer.{name}", path, default)
+
+        if field("ggml.model") != "gpt2":
+            raise LoadError(f"unsupported GGUF tokenizer model {field('ggml.model')!r} in {path} (supported: gpt2)")
+        tokens = field("ggml.tokens")
+        token_types = field("ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
+        backend = byte_level_bpe(tokens, field("ggml.merges", []), token_types, field("ggml.pre", "default"))
+        ids = {name: field(f"ggml.{key}_token_id") for name, key in
+               (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding"))}
+        special_tokens = {name: tokens[i] for name, i in ids.items() if i is not None and 0 <= i < len(tokens)}
+        if field("ggml.add_bos_token", False) and "bos_token" in special_tokens:
+            bos = special_tokens["bos_token"]
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 $B:1", special_tokens=[(bos, ids["bos_token"])])
+        eos_ids = [field(f"ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
+        return cls(backend, special_tokens, [i for i in eos_ids if i is not None], field("chat_template"))
+
+    @classmethod
+    def from_hf_dir(cls, path: str, eos_token_ids: Iterable[int] = ()) -> Tokenizer:
+        """From `tokenizer.json`, `tokenizer_config.json` and `chat_template.jinja` in a model directory."""
+        backend, special_tokens, chat_template = hf_tokenizer_parts(path)
+        return cls(backend, special_tokens, eos_token_ids, chat_template)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """The prompt text for `messages`, as transformers' apply_chat_template(tokenize=False) renders it.
+
+        `kwargs` reach the template (tools=[...], enable_thinking=False, ...) and override the
+        special tokens. Keys whose value is None are dropped from messages first, as transformers
+        does (OpenAI clients send content=None next to tool_calls). ValueError without a template.
+        """
+        if self.chat_template is None:
+            raise ValueError("this model has no chat template; send a plain prompt to /v1/completions instead")
+        messages = [{k: v for k, v in message.items() if v is not None} for message in messages]
+        tools = kwargs.pop("tools", None)
+        documents = kwargs.pop("documents", None)
+        return _compile(self.chat_template).render(
+            messages=messages, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
+            **{**self.special_tokens, **kwargs})
+
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self._backend.token_to_id(token)
+
+
+@lru_cache(maxsize=8)
+def _compile(template: str) -> jinja2.Template:
+    """The environment transformers gives chat templates: sandboxed, trimmed blocks, its tojson."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+    return env.from_string(template)
+
+
+def byte_level_bpe(tokens: list[str], merges: list[str], token_types: list[int], pre: str) -> tokenizers.Tokenizer:
+    """A GPT-2 style byte-level BPE tokenizer from llama.cpp's vocabulary arrays.
+
+    Control tokens become special added tokens and user-defined ones (like `<think>`) plain added
+    tokens, so both match whole in text. A token spelled outside the byte alphabet (raw text)
+    is respelled in it; a control token spelled that way is a llama.cpp mislabel and is skipped.
+    """
+    alphabet = _byte_alphabet()
+    letters = set(alphabet.values())
+    vocab = {token if set(token) <= letters else "".join(alphabet[b] for b in token.encode()): index
+             for index, token in enumerate(tokens)}
+    backend = tokenizers.Tokenizer(models.BPE(
+        vocab, [tuple(merge.split(" ", 1)) for merge in merges], fuse_unk=False, ignore_merges=pre in _IGNORE_MERGES))
+    if pre in _PRE_SPLITS:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_PRE_SPLITS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    kinds = list(zip(tokens, token_types))
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, kind in kinds
+                                if kind == TOKEN_CONTROL and set(t) <= letters])
+    backend.add_tokens([AddedToken(t, normalized=False, special=False) for t, kind in kinds
+                        if kind == TOKEN_USER_DEFINED and t in vocab])
+    return backend
+
+
+@lru_cache(maxsize=1)
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (bytes_to_unicode)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    mapping = {byte: chr(byte) for byte in printable}
+    others = [byte for byte in range(256) if byte not in mapping]
+    mapping.update({byte: chr(256 + n) for n, byte in enumerate(others)})
+    return mapping
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # jinja's own tojson escapes HTML characters; templates expect plain JSON
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+class ReplyMemory:
+    """Reply text -> the exact ids the model generated for it (final stop token excluded).
+
+    Bounded, least recently used first out; safe to share between threads.
+    """
+
+    def __init__(self, capacity: int = 4096):
+        self._capacity = capacity
+        self._replies: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, text: str, token_ids: Sequence[int]) -> None:
+        """`token_ids` must decode to exactly `text`; empty replies are not kept."""
+        if not text or not token_ids:
+            return
+        with self._lock:
+            self._replies[text] = tuple(token_ids)
+            self._replies.move_to_end(text)
+            while len(self._replies) > self._capacity:
+                self._replies.popitem(last=False)
+
+    def recall(self, text: str) -> tuple[int, ...] | None:
+        with self._lock:
+            ids = self._replies.get(text)
+            if ids is not None:
+                self._replies.move_to_end(text)
+            return ids
+
+    def __len__(self) -> int:
+        return len(self._replies)
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict], memory: ReplyMemory | None,
+                    **template_kwargs) -> list[int]:
+    """Prompt ids for `messages`: the rendered template, with remembered replies kept as generated.
+
+    Re-encoding a reply's text often gives other ids than the model produced ("Hel"+"lo" vs
+    "Hello"), which would end a prefix-cache match at the reply. Here each assistant message
+    whose content `memory` recalls is located in the rendered text and replaced by its
+    remembered ids; the text around it is encoded in pieces cut at those points, as the earlier
+    turn's prompt was, so turn N+1's ids start with turn N's prompt and reply ids:
+
+        rendered:  | before_1 | reply_1 | before_2 | reply_2 | rest   |
+        ids:       | encode   | memory  | encode   | memory  | encode |
+
+    Every message's content is located in order, each search starting where the previous
+    one ended, so a reply is not mistaken for an earlier message with the same text. The ids
+    always decode to the rendered text (remembered ids decode to their reply). With no memory,
+    or no recalled reply found, this is exactly encode(rendered).
+    """
+    rendered = tokenizer.render_chat(messages, **template_kwargs)
+    ids: list[int] = []
+    encoded = searched = 0        # rendered[:encoded] is in ids; rendered[:searched] is matched to messages
+    for message in messages if memory is not None else ():
+        content = message.get("content")
+        start = rendered.find(content, searched) if isinstance(content, str) and content else -1
+        if start < 0:
+            continue
+        searched = start + len(content)
+        remembered = memory.recall(content) if message.get("role") == "assistant" else None
+        if remembered is not None:
+            ids += tokenizer.encode(rendered[encoded:start])
+            ids += remembered
+            encoded = searched
+    return ids + tokenizer.encode(rendered[encoded:])

@@ -1,0 +1,92 @@
+"""OpenAI-shaped errors: every failure leaves as `{"error": {"message", "type", "param", "code"}}`.
+
+Bad input is 400 (validation is never FastAPI's 422), a missing or wrong key 401, an unknown model
+or route 404, a request larger than the whole KV pool 413. Unexpected failures are logged and
+answered 503 with the same shape, so no client ever sees a bare 500 or an HTML page.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+log = logging.getLogger("reprise")
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          503: "server_error"}
+
+
+class APIError(Exception):
+    """Raised anywhere in a handler; becomes an OpenAI error response with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status)
+
+
+def sse_error(error: APIError) -> str:
+    """An error that happens after a stream started: one SSE event in the same shape."""
+    return f"data: {json.dumps(error_body(error.status, error.message, error.param, error.code))}\n\n"
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """(message, param) for pydantic errors. `param` is the dotted path of the first bad field, cut
+    where the errors about that field part ways (a union reports one error per member type)."""
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
+    loc = _field_path(first)
+    if not loc and first.get("type") in ("missing", "model_attributes_type", "dict_type"):
+        return "the request body must be a JSON object", None
+    for other in errors[1:]:
+        other_loc = _field_path(other)
+        if loc and other_loc[:1] == loc[:1]:
+            shared = next((i for i, (a, b) in enumerate(zip(loc, other_loc)) if a != b), min(len(loc), len(other_loc)))
+            loc = loc[:shared]
+    param = ".".join(loc) or None
+    return (f"{param}: {first['msg']}" if param else first["msg"]), param
+
+
+def _field_path(error: dict) -> list[str]:
+    loc = [str(part) for part in error.get("loc", ())]
+    return loc[1:] if loc[:1] == ["body"] else loc
+
+
+async def _on_api_error(request: Request, error: APIError) -> JSONResponse:
+    return error_response(error.status, error.message, error.param, error.code)
+
+
+async def _on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    message, param = validation_message(list(error.errors()))
+    return error_response(400, message, param)
+
+
+async def _on_http_error(request: Request, error: HTTPException) -> JSONResponse:
+    status = error.status_code if error.status_code < 500 else 503
+    return error_response(status, str(error.detail), code="not_found" if status == 404 else None)
+
+
+async def _on_unexpected(request: Request, error: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
+    return error_response(503, f"internal error: {type(error).__name__}: {error}")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, _on_api_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(HTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)

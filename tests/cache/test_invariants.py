@@ -1,0 +1,195 @@
+"""Random request lifecycles over a 12-block pool, with a simulated KV store.
+
+Each KV slot records the token prefix it was computed for, so the machine checks not only the
+bookkeeping (reference counts, free list, locks) but that every block the cache hands out or
+keeps holds the KV of exactly the tokens it claims.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from reprise.cache import CacheManager, Match, SeqCache
+
+NUM_BLOCKS, BS = 12, 4
+TOKENS = st.integers(1, 2)   # a tiny alphabet, so prefixes collide often
+SALTS = st.sampled_from([None, None, "a"])
+
+
+@dataclass
+class Run:
+    seq: SeqCache
+    token_ids: list[int]               # prompt, then sampled tokens
+    num_computed: int                  # tokens whose KV is in the seq's blocks
+    copy: tuple[int, int] | None       # partial-block copy the runner has not executed yet
+
+
+class CacheMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache = CacheManager(NUM_BLOCKS, BS)
+        self.kv: list[list[tuple[int, ...] | None]] = [[None] * BS for _ in range(NUM_BLOCKS)]
+        self.runs: list[Run] = []
+        self.seen: list[tuple[int, ...]] = []   # token ids of every request so far
+
+    @rule(prompt=st.lists(TOKENS, min_size=1, max_size=16), salt=SALTS, chunk=st.integers(0, 8))
+    def add(self, prompt: list[int], salt: str | None, chunk: int) -> None:
+        self._admit(prompt, salt, chunk)
+
+    @precondition(lambda self: self.seen)
+    @rule(data=st.data(), cut=st.integers(0, 20), suffix=st.lists(TOKENS, max_size=6), salt=SALTS,
+          chunk=st.integers(0, 8))
+    def add_related(self, data: st.DataObject, cut: int, suffix: list[int], salt: str | None, chunk: int) -> None:
+        """A repeat, a next turn or a sibling of an earlier (or running) request."""
+        earlier = data.draw(st.sampled_from(self.seen))
+        prompt = list(earlier[:cut]) + suffix
+        if prompt:
+            self._admit(prompt, salt, chunk)
+
+    def _admit(self, prompt: list[int], salt: str | None, chunk: int) -> None:
+        """match + acquire, then blocks for a first chunk, as the scheduler admits a request."""
+        self.seen.append(tuple(prompt))
+        match = self.cache.match(prompt, salt)
+        assert match.cached_tokens == self._longest_cached_prefix(prompt[:-1], salt)
+        self._check_match_kv(match, prompt)
+        acquired = self.cache.acquire(match, salt)
+        if acquired is not None:
+            seq, copy = acquired
+            if self.cache.allocate(seq, match.cached_tokens + chunk):
+                self.runs.append(Run(seq, list(prompt), match.cached_tokens, copy))
+            else:
+                self.cache.release(seq, [])   # it does not fit: back to waiting, copy never ran
+        self._wipe_free_blocks()
+
+    @precondition(lambda self: self.runs)
+    @rule(data=st.data(), chunk=st.integers(1, 16), token=TOKENS, commit=st.booleans())
+    def step(self, data: st.DataObject, chunk: int, token: int, commit: bool) -> None:
+        run = data.draw(st.sampled_from(self.runs))
+        if self._advance(run, chunk, token) and commit:
+            self.cache.commit(run.seq, run.token_ids[:run.num_computed])
+        self._wipe_free_blocks()
+
+    @precondition(lambda self: self.runs)
+    @rule(data=st.data(), token=TOKENS)
+    def finish(self, data: st.DataObject, token: int) -> None:
+        """Run to the end of what it has (if blocks allow), sample once, release."""
+        run = data.draw(st.sampled_from(self.runs))
+        self._advance(run, len(run.token_ids), token)
+        self._release(run)
+
+    @precondition(lambda self: self.runs)
+    @rule(data=st.data())
+    def abort(self, data: st.DataObject) -> None:
+        self._release(data.draw(st.sampled_from(self.runs)))   # maybe before its copy ran
+
+    @rule(num_blocks=st.integers(1, NUM_BLOCKS))
+    def evict(self, num_blocks: int) -> None:
+        self.cache.evict(num_blocks)
+        self._wipe_free_blocks()
+
+    @invariant()
+    def bookkeeping_is_consistent(self) -> None:
+        self.cache.check_invariants()
+        stats = self.cache.stats
+        assert stats.blocks_used + stats.blocks_cached + stats.blocks_free == NUM_BLOCKS
+
+    @invariant()
+    def nothing_running_is_freed(self) -> None:
+        free = set(self.cache.pool.free_block_ids())
+        for run in self.runs:
+            assert free.isdisjoint(run.seq.block_table)
+
+    @invariant()
+    def running_blocks_hold_their_tokens(self) -> None:
+        for run in self.runs:
+            first = run.seq.cached_tokens if run.copy is not None else 0
+            for position in range(first, run.num_computed):
+                block = run.seq.block_table[position // BS]
+                assert self.kv[block][position % BS] == tuple(run.token_ids[:position + 1])
+
+    @invariant()
+    def cached_blocks_hold_their_paths(self) -> None:
+        for node in self.cache.index.nodes():
+            path = _path_tokens(node)
+            for offset, block in enumerate(node.blocks):
+                index = node.start // BS + offset
+                for position in range(index * BS, min(node.end, (index + 1) * BS)):
+                    assert self.kv[block][position % BS] == path[:position + 1]
+
+    def teardown(self) -> None:
+        for run in list(self.runs):
+            self._release(run)
+        stats = self.cache.stats
+        assert stats.blocks_used == 0 and stats.blocks_free + stats.blocks_cached == NUM_BLOCKS
+        self.cache.evict(NUM_BLOCKS)
+        assert self.cache.stats.blocks_free == NUM_BLOCKS and self.cache.index.num_nodes == 0
+        self.cache.check_invariants()
+
+    # ---- the simulated runner ---------------------------------------------------------
+
+    def _advance(self, run: Run, chunk: int, token: int) -> bool:
+        """Compute up to `chunk` more tokens, sampling one if that reaches the end."""
+        self._execute_copy(run)
+        end = min(len(run.token_ids), run.num_computed + chunk)
+        if not self.cache.allocate(run.seq, end):
+            return False
+        for position in range(run.num_computed, end):
+            block = run.seq.block_table[position // BS]
+            assert self.cache.pool.ref_count(block) == 1, "writing into a shared block"
+            self.kv[block][position % BS] = tuple(run.token_ids[:position + 1])
+        run.num_computed = end
+        if end == len(run.token_ids):
+            run.token_ids.append(token)          # sampled; its KV comes with the next step
+        return True
+
+    def _release(self, run: Run) -> None:
+        self.cache.release(run.seq, run.token_ids[:run.num_computed])
+        self.seen.append(tuple(run.token_ids))
+        self.runs.remove(run)
+        self._wipe_free_blocks()
+
+    def _execute_copy(self, run: Run) -> None:
+        if run.copy is not None:
+            source, destination = run.copy
+            self.kv[destination] = list(self.kv[source])
+            run.copy = None
+
+    def _wipe_free_blocks(self) -> None:
+        # A freed block's contents are garbage to whoever allocates it next.
+        for block in self.cache.pool.free_block_ids():
+            self.kv[block] = [None] * BS
+
+    def _check_match_kv(self, match: Match, prompt: list[int]) -> None:
+        for index, block in enumerate(match.blocks):
+            for position in range(index * BS, (index + 1) * BS):
+                assert self.kv[block][position % BS] == tuple(prompt[:position + 1])
+        if match.partial is not None:
+            start = len(match.blocks) * BS
+            assert match.partial.num_tokens == match.cached_tokens - start
+            for position in range(start, match.cached_tokens):
+                assert self.kv[match.partial.block][position % BS] == tuple(prompt[:position + 1])
+
+    def _longest_cached_prefix(self, query: list[int], salt: str | None) -> int:
+        """Brute force over every cached path: the longest common prefix with `query`."""
+        best = 0
+        for node in self.cache.index.nodes():
+            if node.salt == salt:
+                path = _path_tokens(node)
+                best = max(best, next((i for i, (a, b) in enumerate(zip(path, query)) if a != b),
+                                      min(len(path), len(query))))
+        return best
+
+
+def _path_tokens(node) -> tuple[int, ...]:
+    parts = []
+    while node.parent is not None:
+        parts.append(node.tokens)
+        node = node.parent
+    return tuple(token for part in reversed(parts) for token in part)
+
+
+CacheMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+test_cache_state_machine = CacheMachine.TestCase

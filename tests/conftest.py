@@ -1,0 +1,34 @@
+"""Session fixtures: the default model is loaded once per run, with the prefix cache on and off."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from reprise import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=16)
+WORDS = ("alpha river stone light number garden window paper music signal harbor engine forest winter "
+         "yellow silver morning castle bridge ocean mountain letter story market doctor planet").split()
+
+
+@pytest.fixture(scope="session")
+def llm() -> LLM:
+    return LLM(dtype="float32", kv_cache_bytes="192MiB")
+
+
+@pytest.fixture(scope="session")
+def llm_cold() -> LLM:
+    return LLM(dtype="float32", kv_cache_bytes="192MiB", prefix_cache=False)
+
+
+def words(seed: int | str, count: int) -> str:
+    """Plain text nobody else in the test run uses (so the shared cache holds none of it)."""
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(count))
+
+
+def prompt_ids(llm: LLM, seed: int | str, num_tokens: int) -> list[int]:
+    ids = llm.tokenizer.encode(words(seed, num_tokens))
+    assert len(ids) >= num_tokens
+    return ids[:num_tokens]
