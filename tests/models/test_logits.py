@@ -7,7 +7,7 @@ import transformers
 
 from reprise.config import EngineConfig
 from reprise.engine.engine import Engine
-from reprise.loader import default_model_path
+from reprise.loader import default_model_path, load_model
 from tests.models.helpers import engine_logits
 
 NUM_PROMPT, NUM_DECODE = 64, 16
@@ -44,9 +44,19 @@ def test_tiny_random_model_matches_transformers(family, tmp_path):
 
 
 def test_default_model_matches_transformers():
-    path = default_model_path()
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, torch_dtype=torch.float32).eval()
+    # transformers' GGUF path needs `accelerate`; its model class with the GGUF's dequantized weights is the
+    # same reference (tests/loader proves those weights equal transformers' own GGUF processing, bit for bit)
+    loaded = load_model(default_model_path())
+    c = loaded.config
+    hf_config = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings)
+    reference = transformers.LlamaForCausalLM(hf_config).eval()
+    missing, unexpected = reference.load_state_dict(dict(loaded.weights()), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    reference.tie_weights()
     engine = Engine(EngineConfig(dtype="float32", kv_cache_bytes=16 * 2**20))
     text = "The quick brown fox jumps over the lazy dog. " * 20
     ids = engine.tokenizer.encode(text)[:NUM_PROMPT + NUM_DECODE]
