@@ -102,8 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from reprise.loader import LoadError
     try:
         return args.run(args)
+    except (LoadError, ValueError) as error:       # a bad file or flag: one line, not a traceback
+        print(f"reprise: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
