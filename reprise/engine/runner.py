@@ -55,7 +55,7 @@ def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype)
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
                  max_model_len: int, device: torch.device, dtype: torch.dtype, seed: int):
-        self.model, self.config, self.device = model, config, device
+        self.model, self.config, self.device, self.dtype = model, config, device, dtype
         self.block_size = block_size
         shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
         # zeros, not empty: padded decode keys are masked, but 0 * NaN in garbage memory would still be NaN
@@ -124,9 +124,11 @@ class ModelRunner:
         num_blocks = -(-end // self.block_size)
         table = torch.tensor(request.cache.block_table[:num_blocks], device=self.device)
         mask = None
-        if start > 0:
+        if start > 0:      # additive and 4-D: the form SDPA's fused CPU kernel takes (a bool mask falls back to math)
             keys = torch.arange(end, device=self.device)
-            mask = keys[None, :] <= torch.arange(start, end, device=self.device)[:, None]
+            hidden = keys[None, :] > torch.arange(start, end, device=self.device)[:, None]
+            mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
+            mask = mask[None, None]
         return PrefillChunk(q_start, end - start, end, table, mask)
 
     def _decode_batch(self, requests: tuple[Request, ...], q_start: int) -> DecodeBatch:

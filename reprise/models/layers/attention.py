@@ -22,7 +22,7 @@ class PrefillChunk:
     q_len: int                   # tokens computed in this chunk
     ctx_len: int                 # keys visible to the chunk's last token (cached prefix + chunk)
     block_table: torch.Tensor    # [ceil(ctx_len / block_size)] block ids
-    mask: torch.Tensor | None    # [q_len, ctx_len] bool, None when the chunk starts at position 0
+    mask: torch.Tensor | None    # [1, 1, q_len, ctx_len] additive (0 / -inf); None when the chunk starts at 0
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,10 @@ def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chun
     if group > 1:
         keys = keys.repeat_interleave(group, dim=0)
         values = values.repeat_interleave(group, dim=0)
-    attn = F.scaled_dot_product_attention(
-        q.transpose(0, 1), keys, values, attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale)
-    return attn.transpose(0, 1)
+    attn = F.scaled_dot_product_attention(                    # 4-D inputs reach the fused kernel
+        q.transpose(0, 1)[None], keys[None], values[None], attn_mask=chunk.mask, is_causal=chunk.mask is None,
+        scale=scale)
+    return attn[0].transpose(0, 1)
 
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, decode: DecodeBatch,
