@@ -57,10 +57,11 @@ class ModelRunner:
                  max_model_len: int, device: torch.device, dtype: torch.dtype, seed: int):
         self.model, self.config, self.device, self.dtype = model, config, device, dtype
         self.block_size = block_size
-        shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-        # zeros, not empty: padded decode keys are masked, but 0 * NaN in garbage memory would still be NaN
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-                          for _ in range(config.num_hidden_layers)]
+        shape = (config.num_hidden_layers, 2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        # one tensor, so a block copy is one op for every layer; zeros, not empty: padded decode keys are
+        # masked, but 0 * NaN from garbage memory would still be NaN
+        self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv]
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, max_model_len, device, dtype)
         self.sampler = Sampler(seed)
 
@@ -81,9 +82,7 @@ class ModelRunner:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
-        for k_cache, v_cache in self.kv_caches:
-            k_cache[dst] = k_cache[src]
-            v_cache[dst] = v_cache[src]
+        self.kv[:, :, dst] = self.kv[:, :, src]
 
     def _prepare(self, plan: StepPlan):
         ids, positions, chunks, logits_indices, sampling = [], [], [], [], []
