@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -55,11 +56,8 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _llm_kwargs(args: argparse.Namespace) -> dict:
-    config = engine_config(args)
-    return dict(model=config.model, dtype=config.dtype, kv_cache_bytes=config.kv_cache_bytes,
-                prefix_cache=config.prefix_cache, device=config.device, block_size=config.block_size,
-                max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                max_model_len=config.max_model_len, seed=config.seed)
+    """LLM(**kwargs) takes EngineConfig's fields by name."""
+    return dataclasses.asdict(engine_config(args))
 
 
 def _bench(args: argparse.Namespace) -> int:

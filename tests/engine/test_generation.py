@@ -10,7 +10,7 @@ def test_capital_of_france_is_paris(llm):
     output = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))[0]
     assert "Paris" in output.text
     assert output.finish_reason in (FinishReason.LENGTH, FinishReason.STOP)
-    assert output.cached_tokens == 0 or output.cached_tokens < len(output.prompt_token_ids)
+    assert output.cached_tokens <= len(output.prompt_token_ids) - 1
 
 
 def test_eight_prompts_together_match_each_alone(llm_cold):

@@ -17,7 +17,7 @@ def test_exact_repeat_matches_cold_run(llm, llm_cold):
     assert first.cached_tokens == 0
     assert hot.cached_tokens == len(prompt) - 1
     assert hot.token_ids == first.token_ids == cold.token_ids
-    assert cold.cached_tokens == 0 and cold.miss is None or cold.miss is MissReason.DISABLED
+    assert cold.cached_tokens == 0 and cold.miss is MissReason.DISABLED
 
 
 def test_nearest_prefix_reuses_exactly_the_shared_tokens(llm, llm_cold):
