@@ -41,6 +41,16 @@ class IndexMatch:
     partial_block: int | None
     stop: Stop
     node: Node | None = field(default=None, compare=False, repr=False)
+    checkpoints: tuple[tuple[int, int], ...] = ()   # (position, slot) on the matched path, ascending
+
+
+@dataclass(frozen=True, slots=True)
+class Evicted:
+    """What an eviction dropped: one block id per dropped entry and the checkpoint slots of the
+    dropped nodes (the caller frees each once)."""
+
+    blocks: list[int]
+    checkpoints: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +78,11 @@ class PrefixIndex(Protocol):
 
     def unlock(self, node: Node) -> None: ...
 
-    def evict(self, num_blocks: int) -> list[int]: ...
+    def evict(self, num_blocks: int) -> Evicted: ...
+
+    def add_checkpoint(self, node: Node, position: int, slot: int) -> bool: ...
+
+    def drop_checkpoint(self) -> int | None: ...
 
     def nodes(self) -> Iterator[Node]: ...
 
@@ -95,8 +109,14 @@ class NullIndex:
     def unlock(self, node: Node) -> None:
         raise ValueError("NullIndex hands out no nodes to unlock")
 
-    def evict(self, num_blocks: int) -> list[int]:
-        return []
+    def evict(self, num_blocks: int) -> Evicted:
+        return Evicted([], [])
+
+    def add_checkpoint(self, node: Node, position: int, slot: int) -> bool:
+        raise ValueError("NullIndex hands out no nodes to checkpoint")
+
+    def drop_checkpoint(self) -> int | None:
+        return None
 
     def nodes(self) -> Iterator[Node]:
         return iter(())

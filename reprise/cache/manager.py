@@ -4,17 +4,24 @@ One request's life: `match` (dry run, no side effects) -> `acquire` (share the m
 copy the partial one) -> `allocate` as it grows -> `commit` full blocks while it runs ->
 `release` on finish, abort or preemption (its computed tokens enter the index, its blocks are
 freed; the ones the index adopted survive through the index's reference).
+
+Hybrid models (a CacheLayout with RECURRENT layers) add state slots: every running sequence
+holds a working slot; `commit(..., checkpoint=slot)` files a snapshot of it in the index; a
+match ends only where a checkpoint is (`restore_from`, held until `restored`); `release` files
+the working slot itself as the checkpoint at the end of what was computed. When every attention
+layer slides, `trim` gives back the blocks that fell out of the window of a running sequence.
 """
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
 from reprise.cache.block_pool import BlockPool
-from reprise.cache.index import IndexMatch, NullIndex, PrefixIndex, Stop, require
+from reprise.cache.index import Evicted, IndexMatch, NullIndex, PrefixIndex, Stop
+from reprise.cache.layout import CacheLayout
 from reprise.cache.radix import Node, RadixIndex
+from reprise.cache.states import StatePool
 
 
 class MissReason(Enum):
@@ -56,14 +63,19 @@ class Match:
 class SeqCache:
     """A running request's hold on KV memory: owned by the request, mutated only by CacheManager.
 
-    `block_table[i]` holds the KV of positions [i*bs, (i+1)*bs). `cached_tokens` came from the
-    cache at acquire. The index holds the first `num_committed` tokens along the locked path.
+    `block_table[i]` holds the KV of positions [i*bs, (i+1)*bs), or is None once `trim` gave
+    it back (outside every window). `cached_tokens` came from the cache at acquire. The index
+    holds the first `num_committed` tokens along the locked path. Hybrid models: `state_slot`
+    is the working recurrent state; `restore_from`, until `restored`, the checkpoint to copy in.
     """
 
     salt: str | None
-    block_table: list[int]
+    block_table: list[int | None]
     cached_tokens: int
     num_committed: int
+    state_slot: int | None = None
+    restore_from: int | None = None
+    num_trimmed: int = 0                                   # leading blocks given back by trim
     _lock: Node | None = field(default=None, repr=False)  # the index node this request locks
 
 
@@ -86,10 +98,16 @@ class CacheManager:
     request holds is never freed under it.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_cache: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_cache: bool = True,
+                 layout: CacheLayout | None = None, num_state_slots: int = 0) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.pool = BlockPool(num_blocks, block_size)
+        self.recurrent = layout is not None and layout.has_recurrent
+        if self.recurrent and num_state_slots < 1:
+            raise ValueError("a layout with recurrent layers needs state slots")
+        self.states = StatePool(num_state_slots) if self.recurrent else None
+        self.window = layout.sliding_window if layout is not None and layout.all_sliding else None
         self.index: PrefixIndex = RadixIndex(block_size) if enable_prefix_cache else NullIndex(block_size)
         self._holders = [0] * num_blocks   # live SeqCache tables holding each block
         self._num_used = 0                 # blocks with holders > 0
@@ -104,11 +122,17 @@ class CacheManager:
         query = prompt_ids[:-1]
         found = self.index.match(query, salt)
         miss = self._miss_reason(found, query, salt)
-        partial = None
-        if found.partial_block is not None:
-            partial = PartialBlock(found.partial_block, found.length % self.block_size)
         diverged_at = found.length if miss is MissReason.DIVERGED else None
-        return Match(found.length, found.blocks, partial, None, miss, diverged_at, found.node)
+        length, blocks, partial_block, checkpoint = found.length, found.blocks, found.partial_block, None
+        if self.recurrent:
+            length, checkpoint = found.checkpoints[-1] if found.checkpoints else (0, None)
+            if length < found.length:
+                miss = MissReason.NO_CHECKPOINT
+                blocks = found.blocks[:length // self.block_size]
+                partial_block = found.blocks[length // self.block_size] \
+                    if length // self.block_size < len(found.blocks) else found.partial_block
+        partial = PartialBlock(partial_block, length % self.block_size) if length % self.block_size else None
+        return Match(length, blocks, partial, checkpoint, miss, diverged_at, found.node if length else None)
 
     def _miss_reason(self, found: IndexMatch, query: Sequence[int], salt: str | None) -> MissReason | None:
         # Only the shared namespace is consulted: one tenant's cache is never revealed to another.
@@ -127,24 +151,22 @@ class CacheManager:
         """
         if match.node is not None:
             self.index.lock(match.node)  # first: the eviction below must not drop the match
-        table = list(match.blocks)
-        for block in table:
-            self.pool.share(block)
-        self._hold(table)
-        copy = None
-        if match.partial is not None:
-            fresh = self._allocate_blocks(1)
-            if fresh is None:
-                self._drop_table(table)
-                if match.node is not None:
-                    self.index.unlock(match.node)
-                return None
-            copy = (match.partial.block, fresh[0])
-            table.extend(fresh)
-            self._hold(fresh)
-        seq = SeqCache(salt, table, match.cached_tokens, match.cached_tokens, match.node)
+        seq = SeqCache(salt, list(match.blocks), match.cached_tokens, match.cached_tokens, _lock=match.node)
+        self._share(seq.block_table)
+        self._hold(seq.block_table)
         self._live.add(seq)
-        return seq, copy
+        if match.checkpoint is not None:
+            self.states.share(match.checkpoint)  # before taking a slot, which may drop checkpoints
+            seq.restore_from = match.checkpoint
+        if self.recurrent:
+            seq.state_slot = self._allocate_slot()
+        fresh = self._allocate_blocks(1) if match.partial is not None else []
+        if fresh is None or (self.recurrent and seq.state_slot is None):
+            self.release(seq, ())
+            return None
+        seq.block_table.extend(fresh)
+        self._hold(fresh)
+        return seq, (match.partial.block, fresh[0]) if fresh else None
 
     def allocate(self, seq: SeqCache, num_tokens: int) -> bool:
         """Grow `seq.block_table` to cover positions 0..num_tokens-1, evicting unlocked LRU
@@ -163,20 +185,49 @@ class CacheManager:
 
     # ---- while running and at the end ---------------------------------------------------
 
-    def commit(self, seq: SeqCache, token_ids: Sequence[int]) -> None:
+    def commit(self, seq: SeqCache, token_ids: Sequence[int], checkpoint: int | None = None) -> None:
         """Index the full blocks of `token_ids` (tokens whose KV is computed) while `seq` runs,
-        so other requests can share them now; moves the seq's lock to the deepest new node."""
+        so other requests can share them now; moves the seq's lock to the deepest new node.
+
+        With `checkpoint` (a slot from `allocate_checkpoint` holding the state after all of
+        `token_ids`), every token is indexed, partial last block included, and the checkpoint
+        is filed at len(token_ids); the slot is freed if that position already has one."""
         self._require_live(seq)
-        num_full = len(token_ids) // self.block_size * self.block_size
-        if num_full <= seq.num_committed:
+        num_tokens = len(token_ids) if checkpoint is not None else len(token_ids) // self.block_size * self.block_size
+        if num_tokens <= seq.num_committed and checkpoint is None:
             return
-        inserted = self.index.insert(token_ids[:num_full], seq.block_table, seq.salt)
+        inserted = self.index.insert(token_ids[:num_tokens], seq.block_table, seq.salt)
         self._share(inserted.adopted)
+        if checkpoint is not None:
+            self._file_checkpoint(inserted.node, num_tokens, checkpoint)
+        if num_tokens <= seq.num_committed:
+            return
         if inserted.node is not None:
             self.index.lock(inserted.node)  # lock new before unlocking old: no gap to evict in
         if seq._lock is not None:
             self.index.unlock(seq._lock)
-        seq._lock, seq.num_committed = inserted.node, num_full
+        seq._lock, seq.num_committed = inserted.node, num_tokens
+
+    def allocate_checkpoint(self) -> int | None:
+        """A free state slot for a snapshot (None if there is none, then skip the checkpoint)."""
+        return self._allocate_slot() if self.recurrent and not isinstance(self.index, NullIndex) else None
+
+    def restored(self, seq: SeqCache) -> None:
+        """The runner has copied `seq.restore_from` into the working slot: drop that hold."""
+        if seq.restore_from is not None:
+            self.states.free(seq.restore_from)
+            seq.restore_from = None
+
+    def trim(self, seq: SeqCache, num_computed: int) -> None:
+        """All-sliding layouts: give back the blocks every position >= num_computed no longer
+        sees (wholly before num_computed - window + 1). Cached ones stay in the index."""
+        if self.window is None:
+            return
+        num_dead = min((num_computed - self.window + 1) // self.block_size, len(seq.block_table))
+        for i in range(seq.num_trimmed, num_dead):
+            self._drop_table([seq.block_table[i]])
+            seq.block_table[i] = None
+        seq.num_trimmed = max(seq.num_trimmed, num_dead)
 
     def release(self, seq: SeqCache, token_ids: Sequence[int]) -> None:
         """End `seq` (finish, abort or preemption): index `token_ids` (every token whose KV is
@@ -187,14 +238,31 @@ class CacheManager:
         tokens lie on the locked path, so the index adopts none of this seq's blocks for them.
         """
         self._require_live(seq)
+        token_ids = token_ids[:self._insertable(seq, len(token_ids))]
         inserted = self.index.insert(token_ids, seq.block_table, seq.salt)
         self._share(inserted.adopted)
         if seq._lock is not None:
             self.index.unlock(seq._lock)
+        self.restored(seq)
+        if seq.state_slot is not None:
+            if token_ids:        # the working state is the state after exactly these tokens
+                self._file_checkpoint(inserted.node, len(token_ids), seq.state_slot)
+            else:
+                self.states.free(seq.state_slot)
         self._drop_table(seq.block_table)
         seq.block_table.clear()
-        seq._lock = None
+        seq._lock, seq.state_slot = None, None
         self._live.discard(seq)
+
+    def _insertable(self, seq: SeqCache, num_tokens: int) -> int:
+        """Tokens that can be indexed: beyond what is committed, only up to the first block trim gave back."""
+        gap = next((i for i in range(seq.num_committed // self.block_size, len(seq.block_table))
+                    if seq.block_table[i] is None), None)
+        return num_tokens if gap is None else max(min(num_tokens, gap * self.block_size), seq.num_committed)
+
+    def _file_checkpoint(self, node: Node | None, position: int, slot: int) -> None:
+        if node is None or not self.index.add_checkpoint(node, position, slot):
+            self.states.free(slot)
 
     def evict(self, num_blocks: int) -> int:
         """Evict LRU unlocked cache entries until `num_blocks` more blocks are free or nothing
@@ -229,12 +297,26 @@ class CacheManager:
         # An evicted entry frees nothing when another holder keeps its block: hence the loop.
         while self.pool.num_free < num_free:
             dropped = self.index.evict(num_free - self.pool.num_free)
-            if not dropped:
+            if not dropped.blocks:
                 return
-            for block in dropped:
-                self.pool.free(block)
-                if self.pool.ref_count(block) == self._holders[block]:
-                    self._evictions += 1  # its last index entry is gone
+            self._free_evicted(dropped)
+
+    def _free_evicted(self, dropped: Evicted) -> None:
+        for block in dropped.blocks:
+            self.pool.free(block)
+            if self.pool.ref_count(block) == self._holders[block]:
+                self._evictions += 1  # its last index entry is gone
+        for slot in dropped.checkpoints:
+            self.states.free(slot)
+
+    def _allocate_slot(self) -> int | None:
+        """A state slot, dropping least recently used checkpoints (not their blocks) if none is free."""
+        while self.states.num_free == 0:
+            slot = self.index.drop_checkpoint()
+            if slot is None:
+                return None
+            self.states.free(slot)       # stays held if a restore still waits on it
+        return self.states.allocate(1)[0]
 
     def _share(self, blocks: Iterable[int]) -> None:
         for block in blocks:
@@ -245,8 +327,10 @@ class CacheManager:
             self._holders[block] += 1
             self._num_used += self._holders[block] == 1
 
-    def _drop_table(self, blocks: Iterable[int]) -> None:
+    def _drop_table(self, blocks: Iterable[int | None]) -> None:
         for block in blocks:
+            if block is None:
+                continue
             self._holders[block] -= 1
             self._num_used -= self._holders[block] == 0
             self.pool.free(block)
@@ -257,25 +341,6 @@ class CacheManager:
 
     def check_invariants(self) -> None:
         """Recount every holder and raise AssertionError on any mismatch. Walks everything:
-        tests only."""
-        self.index.check_invariants()
-        nodes = list(self.index.nodes())
-        index_refs = Counter(block for node in nodes for block in node.blocks)
-        holders = Counter(block for seq in self._live for block in seq.block_table)
-        locks = Counter(id(seq._lock) for seq in self._live if seq._lock is not None)
-        node_ids = {id(node) for node in nodes}
-        require(all(key in node_ids for key in locks), "a running request locks a node not in the index")
-        for node in nodes:
-            require(node.lock_ref == locks[id(node)], f"{node} lock_ref != {locks[id(node)]} lockers")
-        for seq in self._live:
-            require(len(set(seq.block_table)) == len(seq.block_table), f"duplicate blocks in {seq}")
-        for block in range(self.num_blocks):
-            refs = self.pool.ref_count(block)
-            require(refs == index_refs[block] + holders[block],
-                     f"block {block}: {refs} refs, {index_refs[block]} index + {holders[block]} running")
-            require(self._holders[block] == holders[block], f"block {block}: holder count out of date")
-        free = self.pool.free_block_ids()
-        require(len(set(free)) == len(free), "duplicate blocks in the free list")
-        require(set(free) == {b for b in range(self.num_blocks) if self.pool.ref_count(b) == 0},
-                 "free list != blocks with no reference")
-        require(self._num_used == len(holders), "blocks_used out of date")
+        tests and the server's on-demand check only."""
+        from reprise.cache.invariants import check_manager
+        check_manager(self)

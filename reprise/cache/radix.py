@@ -10,6 +10,10 @@ Block arithmetic, block size bs, for a node covering path positions [start, end)
 
 A parent and child may name different physical blocks (or the same one) for the block index
 that straddles their edge; the tree owns one pool reference per (node, entry).
+
+Recurrent-state checkpoints (hybrid models) are node payloads: `node.checkpoints[p] = slot` is
+the state after path positions [0, p), for start < p <= end. A split gives each half the ones
+in its range; evicting a node drops its checkpoints with its blocks.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import heapq
 import itertools
 from collections.abc import Iterator, Sequence
 
-from reprise.cache.index import IndexMatch, Insertion, Stop, require
+from reprise.cache.index import Evicted, IndexMatch, Insertion, Stop, require
 
 _MAX_EVICTED_FIRSTS = 16  # per node: enough to explain misses, bounded so memory stays flat
 
@@ -30,7 +34,7 @@ class Node:
     """
 
     __slots__ = ("tokens", "start", "salt", "parent", "children", "blocks", "lock_ref",
-                 "last_access", "evicted_firsts", "heap_entry")
+                 "last_access", "evicted_firsts", "heap_entry", "checkpoints")
 
     def __init__(self, tokens: tuple[int, ...], start: int, salt: str | None, parent: Node | None,
                  blocks: list[int], last_access: int) -> None:
@@ -44,6 +48,7 @@ class Node:
         self.last_access = last_access
         self.evicted_firsts: dict[int, None] = {}  # ordered set, oldest first
         self.heap_entry: tuple[int, int, Node] | None = None  # its live LRU heap entry
+        self.checkpoints: dict[int, int] = {}      # path position -> state slot, start < position <= end
 
     @property
     def end(self) -> int:
@@ -89,21 +94,24 @@ class RadixIndex:
         if node is None:
             return IndexMatch(0, (), None, Stop.ENDED if query else Stop.EXHAUSTED)
         blocks: list[int] = []
+        checkpoints: list[tuple[int, int]] = []
         deepest: Node | None = None
         pos = 0
         while pos < len(query):
             child = node.children.get(query[pos])
             if child is None:
-                return self._matched(pos, blocks, deepest, self._stop_at_edge(node, query[pos]))
+                return self._matched(pos, blocks, deepest, self._stop_at_edge(node, query[pos]), checkpoints)
             num = _common_prefix(child.tokens, query, pos)
             # full blocks whose last position lies in this node: indices start//bs .. (pos+num)//bs - 1
             blocks.extend(child.blocks[:(pos + num) // self.block_size - child.start // self.block_size])
+            checkpoints.extend(sorted(item for item in child.checkpoints.items() if item[0] <= pos + num))
             pos += num
             deepest = child
             if num < len(child.tokens):
-                return self._matched(pos, blocks, deepest, Stop.EXHAUSTED if pos == len(query) else Stop.DIVERGED)
+                stop = Stop.EXHAUSTED if pos == len(query) else Stop.DIVERGED
+                return self._matched(pos, blocks, deepest, stop, checkpoints)
             node = child
-        return self._matched(pos, blocks, deepest, Stop.EXHAUSTED)
+        return self._matched(pos, blocks, deepest, Stop.EXHAUSTED, checkpoints)
 
     @staticmethod
     def _stop_at_edge(node: Node, next_token: int) -> Stop:
@@ -111,12 +119,13 @@ class RadixIndex:
             return Stop.EVICTED
         return Stop.DIVERGED if node.children else Stop.ENDED
 
-    def _matched(self, length: int, blocks: list[int], deepest: Node | None, stop: Stop) -> IndexMatch:
+    def _matched(self, length: int, blocks: list[int], deepest: Node | None, stop: Stop,
+                 checkpoints: list[tuple[int, int]]) -> IndexMatch:
         partial = None
         if length % self.block_size:
             # `deepest` contains position length-1, so its entry is valid up to `length`.
             partial = deepest.blocks[(length - 1) // self.block_size - deepest.start // self.block_size]
-        return IndexMatch(length, tuple(blocks), partial, stop, deepest)
+        return IndexMatch(length, tuple(blocks), partial, stop, deepest, tuple(checkpoints))
 
     # ---- insertion ----------------------------------------------------------------------
 
@@ -180,6 +189,8 @@ class RadixIndex:
         node.blocks = node.blocks[at // bs - node.start // bs:]
         if at % bs:
             adopted.append(node.blocks[0])  # the straddling block is now in both halves
+        upper.checkpoints = {p: slot for p, slot in node.checkpoints.items() if p <= at}
+        node.checkpoints = {p: slot for p, slot in node.checkpoints.items() if p > at}
         node.tokens, node.start, node.parent = node.tokens[cut:], at, upper
         self.num_nodes += 1
         return upper
@@ -206,16 +217,40 @@ class RadixIndex:
         node.lock_ref -= 1
         self._refresh(node)
 
-    def evict(self, num_blocks: int) -> list[int]:
+    def evict(self, num_blocks: int) -> Evicted:
         """Remove least-recently-used evictable leaves until the dropped entries number at least
         `num_blocks` or nothing is evictable. Returns the block id of every dropped entry (a
-        block may still be held elsewhere); the caller frees each one once."""
-        dropped: list[int] = []
-        while len(dropped) < num_blocks and self._heap:
+        block may still be held elsewhere) and the dropped nodes' checkpoint slots; the caller
+        frees each one once."""
+        dropped = Evicted([], [])
+        while len(dropped.blocks) < num_blocks and self._heap:
             entry = heapq.heappop(self._heap)
             if entry[2].heap_entry is entry:
-                dropped.extend(self._remove_leaf(entry[2]))
+                dropped.checkpoints.extend(entry[2].checkpoints.values())
+                dropped.blocks.extend(self._remove_leaf(entry[2]))
         return dropped
+
+    # ---- checkpoints --------------------------------------------------------------------
+
+    def add_checkpoint(self, node: Node, position: int, slot: int) -> bool:
+        """Attach `slot`, the state after positions [0, position), to `node` (which must cover
+        `position`). False, attaching nothing, if that position already has a checkpoint."""
+        if not node.start < position <= node.end:
+            raise ValueError(f"{node} does not cover position {position}")
+        if position in node.checkpoints:
+            return False
+        node.checkpoints[position] = slot
+        return True
+
+    def drop_checkpoint(self) -> int | None:
+        """Detach the shallowest checkpoint of the least recently used node that has one and
+        return its slot (None if there is none). Its blocks stay. Scans every node: called only
+        when state slots run out, which eviction of leaves did not cure."""
+        oldest = min((node for node in self.nodes() if node.checkpoints),
+                     key=lambda node: node.last_access, default=None)
+        if oldest is None:
+            return None
+        return oldest.checkpoints.pop(min(oldest.checkpoints))
 
     def _remove_leaf(self, node: Node) -> list[int]:
         node.heap_entry = None
@@ -273,6 +308,7 @@ class RadixIndex:
         require(node.start == parent.end and node.salt == parent.salt, f"{node} not contiguous")
         require(len(node.blocks) == (node.end - 1) // bs - node.start // bs + 1, f"{node} block count")
         require(node.lock_ref >= 0 and parent.last_access >= node.last_access, f"{node} lock/clock")
+        require(all(node.start < p <= node.end for p in node.checkpoints), f"{node} checkpoint out of range")
         evictable = node.lock_ref == 0 and not node.children
         entry = node.heap_entry
         on_heap = entry is not None and id(entry) in live and entry[0] == node.last_access

@@ -30,7 +30,7 @@ def test_split_keeps_the_lock_on_the_lower_half():
     index.insert([1, 2, 3, 4, 5, 90], [200, 201], None)
     assert (first.start, first.tokens, first.lock_ref, first.blocks) == (5, (6,), 1, [101])
     assert first.parent.lock_ref == 0 and first.parent.tokens == (1, 2, 3, 4, 5)
-    assert index.evict(10) == [201]  # only the unlocked new leaf; the upper half is internal
+    assert index.evict(10).blocks == [201]  # only the unlocked new leaf; the upper half is internal
     assert index.match([1, 2, 3, 4, 5, 6], None).length == 6
     index.check_invariants()
 
@@ -53,7 +53,7 @@ def test_match_stops_say_why():
     assert index.match([1, 9], None).stop is Stop.DIVERGED
     assert index.match([5], None).stop is Stop.DIVERGED
     index.insert([1, 2, 3, 4, 5], [100, 101], None)     # leaf [3,5) touches blocks 0 and 1
-    assert index.evict(1) == [100, 101]
+    assert index.evict(1).blocks == [100, 101]
     evicted = index.match([1, 2, 3, 4, 5], None)
     assert (evicted.length, evicted.stop) == (3, Stop.EVICTED)
 
@@ -65,10 +65,10 @@ def test_eviction_is_least_recently_used_and_match_does_not_touch():
     index.insert([3, 3, 3, 3], [300], None)
     index.match([1, 1, 1, 1], None)              # a dry run is not a use
     index.insert([2, 2], [999], None)            # re-inserting a cached prefix is a use
-    assert index.evict(1) == [100]
-    assert index.evict(1) == [300]
-    assert index.evict(5) == [200]
-    assert index.num_nodes == 0 and index.evict(1) == []
+    assert index.evict(1).blocks == [100]
+    assert index.evict(1).blocks == [300]
+    assert index.evict(5).blocks == [200]
+    assert index.num_nodes == 0 and index.evict(1).blocks == []
 
 
 def test_parent_left_a_leaf_is_evicted_by_its_own_last_access():
@@ -78,8 +78,8 @@ def test_parent_left_a_leaf_is_evicted_by_its_own_last_access():
     index.insert([9, 9, 9, 9], [300], None)
     # LRU order: leaf [4,6)->101, leaf [4,6)->201, then their parent [0,4)->100 (touched with
     # the second insert, before [9,9,9,9]), then 300.
-    assert index.evict(3) == [101, 201, 100]
-    assert index.evict(1) == [300]
+    assert index.evict(3).blocks == [101, 201, 100]
+    assert index.evict(1).blocks == [300]
 
 
 def test_salts_are_separate_trees():
@@ -88,7 +88,7 @@ def test_salts_are_separate_trees():
     assert index.match([1, 2, 3, 4, 5], "a").length == 5
     assert index.match([1, 2, 3, 4, 5], "b").length == 0
     assert index.match([1, 2, 3, 4, 5], None).length == 0
-    assert index.evict(2) == [100, 101]
+    assert index.evict(2).blocks == [100, 101]
     assert index.match([1, 2, 3, 4, 5], "a").stop is Stop.ENDED   # the empty namespace is gone
     index.check_invariants()
 
