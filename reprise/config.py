@@ -45,3 +45,4 @@ class EngineConfig:
     max_num_batched_tokens: int = 512        # tokens per engine step (prefill chunk budget)
     max_model_len: int | None = None         # None = the model's context length
     seed: int = 0
+    checkpoint_interval: int = 1024          # hybrid models: tokens between recurrent-state checkpoints

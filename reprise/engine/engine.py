@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -11,10 +12,11 @@ from reprise.cache.manager import CacheManager, CacheStats
 from reprise.config import EngineConfig, format_bytes
 from reprise.engine.detokenize import IncrementalDetokenizer
 from reprise.engine.request import FinishReason, Request, RequestOutput, RequestStatus, SamplingParams
-from reprise.engine.runner import ModelRunner, default_dtype, kv_bytes_per_block
+from reprise.engine.runner import ModelRunner, default_dtype, kv_bytes_per_block, state_bytes_per_slot
 from reprise.engine.scheduler import Scheduler
 from reprise.loader import load_model
 from reprise.models import build_model
+from reprise.models.layers.gated_delta import RECURRENT_CHUNK
 
 log = logging.getLogger("reprise")
 
@@ -22,6 +24,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.
            "float32": torch.float32, "fp32": torch.float32}
 DEFAULT_KV_FRACTION = 0.2       # of available memory, when --kv-cache-bytes is not given
 DEFAULT_KV_CAP = 4 * 2**30
+STATE_FRACTION = 4              # hybrid models: recurrent-state slots get up to 1/4 of --kv-cache-bytes
 
 
 @dataclass(frozen=True)
@@ -62,19 +65,33 @@ class Engine:
         model.to(device=self.device, dtype=self.dtype).eval()
         self.block_size = config.block_size
         self.kv_cache_bytes = config.kv_cache_bytes or default_kv_bytes()
+        layout = model.cache_layout
+        num_state_slots = self._num_state_slots(layout)
         block_bytes = kv_bytes_per_block(self.model_config, self.block_size, self.dtype)
-        self.num_blocks = self.kv_cache_bytes // block_bytes
+        self.num_blocks = (self.kv_cache_bytes - num_state_slots * self.state_slot_bytes) // block_bytes
         if self.num_blocks < 2:
             raise ValueError(f"--kv-cache-bytes {format_bytes(self.kv_cache_bytes)} holds fewer than 2 blocks "
                              f"of {format_bytes(block_bytes)}; give it more")
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
-        self.cache = CacheManager(self.num_blocks, self.block_size, enable_prefix_cache=config.prefix_cache)
-        self.scheduler = Scheduler(self.cache, self.block_size, config.max_num_seqs, config.max_num_batched_tokens)
+        self.cache = CacheManager(self.num_blocks, self.block_size, enable_prefix_cache=config.prefix_cache,
+                                  layout=layout, num_state_slots=num_state_slots)
+        grid = math.lcm(self.block_size, RECURRENT_CHUNK) if layout.has_recurrent else self.block_size
+        interval = -(-config.checkpoint_interval // grid) * grid       # rounded up onto the chunk grid
+        self.scheduler = Scheduler(self.cache, self.block_size, config.max_num_seqs, config.max_num_batched_tokens,
+                                   chunk_grid=grid, checkpoint_interval=interval)
         self.runner = ModelRunner(model, self.model_config, self.num_blocks, self.block_size, self.max_model_len,
-                                  self.device, self.dtype, config.seed)
+                                  self.device, self.dtype, config.seed, num_state_slots)
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+
+    def _num_state_slots(self, layout) -> int:
+        """Hybrid models: a working slot per running sequence plus checkpoints, within a quarter of
+        the budget (at least 2 checkpoint slots). Sets `state_slot_bytes`; 0 slots otherwise."""
+        self.state_slot_bytes = state_bytes_per_slot(self.model_config, self.dtype)
+        if not layout.has_recurrent:
+            return 0
+        return max(self.kv_cache_bytes // STATE_FRACTION // self.state_slot_bytes, self.config.max_num_seqs + 2)
 
     @property
     def pool_tokens(self) -> int:

@@ -1,15 +1,18 @@
-"""ModelRunner: owns the weights and KV tensors, turns a scheduled step into tensors, runs it, samples."""
+"""ModelRunner: owns the weights, KV and state tensors, turns a scheduled step into tensors, runs it, samples."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from reprise.cache.layout import LayerKind
 from reprise.engine.request import Request
 from reprise.engine.sampler import Sampler
-from reprise.models.config import ModelConfig
-from reprise.models.layers.attention import AttentionBatch, DecodeBatch, PrefillChunk
-from reprise.models.layers.rope import RotaryEmbedding
+from reprise.models import state_specs
+from reprise.models.config import ModelConfig, cache_layout
+from reprise.models.layers.batch import (AttentionBatch, DecodeBatch, ForwardBatch, PrefillChunk, RecurrentBatch,
+                                         RecurrentChunk)
 
 
 @dataclass(frozen=True)
@@ -17,15 +20,23 @@ class ScheduledChunk:
     request: Request
     num_tokens: int             # tokens computed this step, from request.num_computed on
     samples: bool               # the chunk reaches the last token, so its logits pick the next one
+    checkpoint: int | None = None   # state slot the scheduler snapshots into after this chunk (its bookkeeping)
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """One engine step: prefill chunks, then decodes (one token each), after the block copies."""
+    """One engine step: prefill chunks, then decodes (one token each).
+
+    Before the forward: block copies, then state copies (a checkpoint restored into a working slot);
+    a prefill chunk starting at position 0 has its slot's states zeroed. After the forward: state
+    snapshots (a working slot's state kept as a checkpoint). Pairs are (src, dst).
+    """
 
     prefills: tuple[ScheduledChunk, ...]
     decodes: tuple[Request, ...]
     copies: tuple[tuple[int, int], ...]          # (src, dst) block copies for partial-block matches
+    state_copies: tuple[tuple[int, int], ...] = ()
+    state_snapshots: tuple[tuple[int, int], ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -48,22 +59,55 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV block across the attention (FULL and SLIDING) layers."""
     element = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * element
+    num_layers = cache_layout(config).num_attention_layers
+    return 2 * num_layers * block_size * config.num_key_value_heads * config.head_dim * element
+
+
+def state_bytes_per_slot(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of one state slot across the recurrent layers (0 for a model without any)."""
+    num_layers = cache_layout(config).layer_kinds.count(LayerKind.RECURRENT)
+    per_layer = sum(math.prod(spec.shape) * torch.empty((), dtype=spec.dtype or dtype).element_size()
+                    for spec in state_specs(config))
+    return num_layers * per_layer
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
-                 max_model_len: int, device: torch.device, dtype: torch.dtype, seed: int):
+                 max_model_len: int, device: torch.device, dtype: torch.dtype, seed: int, num_state_slots: int = 0):
         self.model, self.config, self.device, self.dtype = model, config, device, dtype
         self.block_size = block_size
-        shape = (config.num_hidden_layers, 2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        layout = model.cache_layout
+        if layout.has_recurrent and num_state_slots < 1:
+            raise ValueError("a model with recurrent layers needs num_state_slots >= 1")
+        self.kinds = set(layout.layer_kinds)
+        # a window that covers every position a sequence can reach never cuts: sliding layers then
+        # share the full-attention inputs
+        window = layout.sliding_window
+        self.window = window if window is not None and window < max_model_len else None
+        shape = (layout.num_attention_layers, 2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
         # one tensor, so a block copy is one op for every layer; zeros, not empty: padded decode keys are
         # masked, but 0 * NaN from garbage memory would still be NaN
         self.kv = torch.zeros(shape, dtype=dtype, device=device)
-        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv]
-        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, max_model_len, device, dtype)
+        num_recurrent = layout.layer_kinds.count(LayerKind.RECURRENT)
+        # one tensor per state kind, all recurrent layers and slots, so a slot copy is one op per kind
+        self.states = [torch.zeros((num_recurrent, num_state_slots, *spec.shape), dtype=spec.dtype or dtype,
+                                   device=device) for spec in state_specs(config)]
+        self.caches = self._layer_caches(layout)
         self.sampler = Sampler(seed)
+
+    def _layer_caches(self, layout) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer, views into the shared tensors: (k, v) for attention, its states for recurrent layers."""
+        caches, num_attention, num_recurrent = [], 0, 0
+        for kind in layout.layer_kinds:
+            if kind is LayerKind.RECURRENT:
+                caches.append(tuple(states[num_recurrent] for states in self.states))
+                num_recurrent += 1
+            else:
+                caches.append(tuple(self.kv[num_attention]))
+                num_attention += 1
+        return caches
 
     def execute(self, plan: StepPlan) -> list[int]:
         """Runs one step; returns the sampled token of each chunk that samples, then of each decode."""
@@ -74,68 +118,135 @@ class ModelRunner:
     def forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[Request]]:
         """Float32 logits [num_sampling, vocab] and the requests they belong to, in plan order."""
         self._copy_blocks(plan.copies)
+        self._copy_states(plan.state_copies)
+        self._reset_states(plan)
         input_ids, positions, batch, logits_indices, sampling = self._prepare(plan)
-        return self.model(input_ids, self.rope.table(positions), self.kv_caches, batch, logits_indices), sampling
+        logits = self.model(input_ids, positions, self.caches, batch, logits_indices)
+        self._copy_states(plan.state_snapshots)
+        return logits, sampling
 
     def _copy_blocks(self, copies) -> None:
-        if not copies:
-            return
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
-        self.kv[:, :, dst] = self.kv[:, :, src]
+        if copies:
+            src, dst = self._pairs(copies)
+            self.kv[:, :, dst] = self.kv[:, :, src]
+
+    def _copy_states(self, copies) -> None:
+        if copies:
+            src, dst = self._pairs(copies)
+            for states in self.states:
+                states[:, dst] = states[:, src]
+
+    def _pairs(self, copies) -> tuple[torch.Tensor, torch.Tensor]:
+        src, dst = zip(*copies)
+        return torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
+
+    def _reset_states(self, plan: StepPlan) -> None:
+        """A sequence computed from position 0 starts from zero states (nothing before it)."""
+        fresh = [item.request.cache.state_slot for item in plan.prefills if item.request.num_computed == 0]
+        if self.states and fresh:
+            slots = torch.tensor(fresh, device=self.device)
+            for states in self.states:
+                states[:, slots] = 0
 
     def _prepare(self, plan: StepPlan):
-        ids, positions, chunks, logits_indices, sampling = [], [], [], [], []
+        ids, positions, logits_indices, sampling = [], [], [], []
         for item in plan.prefills:
             request, start = item.request, item.request.num_computed
-            end = start + item.num_tokens
-            chunks.append(self._prefill_chunk(request, start, end, len(ids)))
-            ids.extend(request.all_ids[start:end])
-            positions.append(torch.arange(start, end))
+            ids.extend(request.all_ids[start:start + item.num_tokens])
+            positions.append(torch.arange(start, start + item.num_tokens))
             if item.samples:
                 logits_indices.append(len(ids) - 1)
                 sampling.append(request)
-        decode = self._decode_batch(plan.decodes, len(ids)) if plan.decodes else None
+        num_prefill = len(ids)
         for request in plan.decodes:
             ids.append(request.all_ids[-1])
             positions.append(torch.tensor([request.num_tokens - 1]))
             logits_indices.append(len(ids) - 1)
             sampling.append(request)
         pos = torch.cat(positions)
-        slots = self._slots(plan, pos)
-        batch = AttentionBatch(slots.to(self.device), tuple(chunks), decode)
+        batch = self._batch(plan, num_prefill)
         to = dict(device=self.device)
         return (torch.tensor(ids, **to), pos.to(self.device), batch,
                 torch.tensor(logits_indices, dtype=torch.long, **to), sampling)
 
-    def _slots(self, plan: StepPlan, positions: torch.Tensor) -> torch.Tensor:
-        """Flat KV slot of every token: its sequence's block for position // block_size, plus offset."""
-        tables = [(item.request, item.num_tokens) for item in plan.prefills] + [(r, 1) for r in plan.decodes]
-        block_ids = torch.cat([torch.tensor(r.cache.block_table, dtype=torch.long) for r, _ in tables])
-        offsets, total = [], 0
-        for request, count in tables:
-            offsets.append(torch.full((count,), total, dtype=torch.long))
-            total += len(request.cache.block_table)
-        index = torch.cat(offsets) + positions // self.block_size
-        return block_ids[index] * self.block_size + positions % self.block_size
+    def _batch(self, plan: StepPlan, num_prefill: int) -> ForwardBatch:
+        full = sliding = recurrent = None
+        if self.kinds - {LayerKind.RECURRENT}:
+            slots = self._slots(plan).to(self.device)
+            if LayerKind.FULL in self.kinds or self.window is None:
+                full = self._attention_batch(plan, slots, num_prefill, None)
+            if LayerKind.SLIDING in self.kinds:
+                sliding = full if self.window is None else self._attention_batch(plan, slots, num_prefill, self.window)
+        if LayerKind.RECURRENT in self.kinds:
+            recurrent = self._recurrent_batch(plan, num_prefill)
+        return ForwardBatch(full, sliding, recurrent)
 
-    def _prefill_chunk(self, request: Request, start: int, end: int, q_start: int) -> PrefillChunk:
-        num_blocks = -(-end // self.block_size)
-        table = torch.tensor(request.cache.block_table[:num_blocks], device=self.device)
+    def _slots(self, plan: StepPlan) -> torch.Tensor:
+        """Flat KV slot of every token: its sequence's block for position // block_size, plus offset."""
+        size = self.block_size
+        return torch.tensor([request.cache.block_table[position // size] * size + position % size
+                             for request, start, count in self._rows(plan)
+                             for position in range(start, start + count)], dtype=torch.long)
+
+    @staticmethod
+    def _rows(plan: StepPlan):
+        """(request, first position, tokens) of each sequence in the step, in batch order."""
+        rows = [(item.request, item.request.num_computed, item.num_tokens) for item in plan.prefills]
+        return rows + [(request, request.num_tokens - 1, 1) for request in plan.decodes]
+
+    def _attention_batch(self, plan: StepPlan, slots: torch.Tensor, num_prefill: int,
+                         window: int | None) -> AttentionBatch:
+        chunks, q_start = [], 0
+        for item in plan.prefills:
+            start = item.request.num_computed
+            chunks.append(self._prefill_chunk(item.request, start, start + item.num_tokens, q_start, window))
+            q_start += item.num_tokens
+        decode = self._decode_batch(plan.decodes, num_prefill, window) if plan.decodes else None
+        return AttentionBatch(slots, tuple(chunks), decode)
+
+    def _window_blocks(self, request: Request, position: int, end: int, window: int | None) -> tuple[int, list[int]]:
+        """(first key position, block ids) of the keys a query at `position` may see, through position end - 1."""
+        first = 0 if window is None else max(0, position - window + 1) // self.block_size
+        blocks = request.cache.block_table[first:-(-end // self.block_size)]
+        if None in blocks:      # the cache releases only blocks wholly older than every window
+            raise RuntimeError(f"a released block lies inside the attention window of {request.request_id}")
+        return first * self.block_size, blocks
+
+    def _prefill_chunk(self, request: Request, start: int, end: int, q_start: int,
+                       window: int | None) -> PrefillChunk:
+        key_start, blocks = self._window_blocks(request, start, end, window)
+        table = torch.tensor(blocks, device=self.device)
         mask = None
-        if start > 0:      # additive and 4-D: the form SDPA's fused CPU kernel takes (a bool mask falls back to math)
-            keys = torch.arange(end, device=self.device)
-            hidden = keys[None, :] > torch.arange(start, end, device=self.device)[:, None]
+        if start > 0 or (window is not None and end > window):
+            # additive and 4-D: the form SDPA's fused CPU kernel takes (a bool mask falls back to math)
+            keys = torch.arange(key_start, end, device=self.device)
+            queries = torch.arange(start, end, device=self.device)[:, None]
+            hidden = keys[None, :] > queries
+            if window is not None:
+                hidden |= keys[None, :] <= queries - window
             mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
             mask = mask[None, None]
-        return PrefillChunk(q_start, end - start, end, table, mask)
+        return PrefillChunk(q_start, end - start, end - key_start, table, mask)
 
-    def _decode_batch(self, requests: tuple[Request, ...], q_start: int) -> DecodeBatch:
-        width = max(-(-r.num_tokens // self.block_size) for r in requests)
+    def _decode_batch(self, requests: tuple[Request, ...], q_start: int, window: int | None) -> DecodeBatch:
+        rows = [self._window_blocks(r, r.num_tokens - 1, r.num_tokens, window) for r in requests]
+        width = max(len(blocks) for _, blocks in rows)
         tables = torch.zeros((len(requests), width), dtype=torch.long)
-        for row, request in enumerate(requests):
-            blocks = request.cache.block_table[:width]
+        for row, (_, blocks) in enumerate(rows):
             tables[row, :len(blocks)] = torch.tensor(blocks)
-        lengths = torch.tensor([r.num_tokens for r in requests])
-        mask = torch.arange(width * self.block_size)[None, :] < lengths[:, None]
-        return DecodeBatch(q_start, tables.to(self.device), mask[:, None, None, :].to(self.device))
+        keys = torch.tensor([key_start for key_start, _ in rows])[:, None] + torch.arange(width * self.block_size)
+        queries = torch.tensor([r.num_tokens - 1 for r in requests])[:, None]
+        visible = keys <= queries
+        if window is not None:
+            visible &= keys > queries - window
+        return DecodeBatch(q_start, tables.to(self.device), visible[:, None, None, :].to(self.device))
+
+    def _recurrent_batch(self, plan: StepPlan, num_prefill: int) -> RecurrentBatch:
+        chunks, q_start = [], 0
+        for item in plan.prefills:
+            chunks.append(RecurrentChunk(q_start, item.num_tokens, item.request.cache.state_slot))
+            q_start += item.num_tokens
+        slots = None
+        if plan.decodes:
+            slots = torch.tensor([r.cache.state_slot for r in plan.decodes], dtype=torch.long, device=self.device)
+        return RecurrentBatch(tuple(chunks), num_prefill, slots)

@@ -3,6 +3,12 @@
 It decides and owns no memory: blocks come from the CacheManager, tensors from the ModelRunner.
 Each step every decoding request gets its one token first; prefill chunks share what is left of
 the budget, cut on the block grid so a cold run and a run resumed from the cache chunk alike.
+
+Hybrid models (recurrent layers) chunk on a coarser grid (`chunk_grid`, a multiple of the
+recurrence's own chunk), stop every chunk at each `checkpoint_interval` multiple and before the
+last token (which then runs as a decode, as it does after an exact cache hit), and snapshot the
+state where a chunk stops. So a cold run takes the same steps, in the same arithmetic, as a run
+resumed from any of its checkpoints.
 """
 from __future__ import annotations
 
@@ -14,9 +20,14 @@ from reprise.engine.runner import ScheduledChunk, StepPlan
 
 
 class Scheduler:
-    def __init__(self, cache: CacheManager, block_size: int, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, cache: CacheManager, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 chunk_grid: int | None = None, checkpoint_interval: int | None = None):
         self.cache = cache
         self.block_size = block_size
+        self.chunk_grid = chunk_grid or block_size
+        self.checkpoint_interval = checkpoint_interval if cache.recurrent else None
+        if self.checkpoint_interval is not None and self.checkpoint_interval % self.chunk_grid:
+            raise ValueError(f"checkpoint interval {checkpoint_interval} is not a multiple of {self.chunk_grid}")
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -41,13 +52,18 @@ class Scheduler:
                 continue
             budget = self._schedule_one(request, budget, prefills, decodes, scheduled)
         copies = self._admit(budget, prefills, decodes)
-        return StepPlan(tuple(prefills), tuple(decodes), tuple(copies))
+        restores = tuple((r.cache.restore_from, r.cache.state_slot)
+                         for r in [item.request for item in prefills] + decodes if r.cache.restore_from is not None)
+        snapshots = tuple((item.request.cache.state_slot, item.checkpoint)
+                          for item in prefills if item.checkpoint is not None)
+        return StepPlan(tuple(prefills), tuple(decodes), tuple(copies), restores, snapshots)
 
     def _schedule_one(self, request: Request, budget: int, prefills, decodes, scheduled) -> int:
         """Plans one running request's tokens, preempting later requests if blocks run short."""
         num_tokens = 1 if request.num_uncomputed == 1 else self._chunk_size(request, budget)
         if num_tokens == 0:
             return budget
+        self.cache.trim(request.cache, request.num_computed)
         while not self.cache.allocate(request.cache, request.num_computed + num_tokens):
             victim = self._pick_victim(scheduled)
             self.preempt(victim)
@@ -57,16 +73,29 @@ class Scheduler:
         if request.num_uncomputed == 1:
             decodes.append(request)
             return budget
-        prefills.append(ScheduledChunk(request, num_tokens, num_tokens == request.num_uncomputed))
+        prefills.append(self._chunk(request, num_tokens))
         return budget - num_tokens
 
     def _chunk_size(self, request: Request, budget: int) -> int:
-        """All that is left if it fits; else up to a block boundary (the grid a cold run uses)."""
-        remaining = request.num_uncomputed
-        if remaining <= budget:
-            return remaining
-        end = (request.num_computed + budget) // self.block_size * self.block_size
-        return max(end - request.num_computed, 0)
+        """All that is left (up to the next checkpoint stop) if it fits; else up to a grid line."""
+        start = request.num_computed
+        end = request.num_tokens
+        if self.checkpoint_interval is not None:
+            next_mark = (start // self.checkpoint_interval + 1) * self.checkpoint_interval
+            end = min(end - 1, next_mark)      # the last token always runs as a decode
+        if end - start <= budget:
+            return end - start
+        end = (start + budget) // self.chunk_grid * self.chunk_grid
+        return max(end - start, 0)
+
+    def _chunk(self, request: Request, num_tokens: int) -> ScheduledChunk:
+        """The chunk, with a fresh checkpoint slot when it stops at a checkpoint position."""
+        end = request.num_computed + num_tokens
+        checkpoint = None
+        if self.checkpoint_interval is not None and (end % self.checkpoint_interval == 0
+                                                     or end == request.num_tokens - 1):
+            checkpoint = self.cache.allocate_checkpoint()
+        return ScheduledChunk(request, num_tokens, num_tokens == request.num_uncomputed, checkpoint)
 
     def _pick_victim(self, scheduled: set[str]) -> Request:
         """The most recently admitted request not yet planned this step (the caller itself last)."""
@@ -112,7 +141,7 @@ class Scheduler:
             if request.num_uncomputed == 1:
                 decodes.append(request)
             else:
-                prefills.append(ScheduledChunk(request, num_tokens, num_tokens == request.num_uncomputed))
+                prefills.append(self._chunk(request, num_tokens))
                 budget -= num_tokens
         self.waiting.extendleft(reversed(deferred))
         return copies
@@ -145,12 +174,14 @@ class Scheduler:
         advanced = []
         for item in plan.prefills:
             request = item.request
+            self.cache.restored(request.cache)
             request.num_computed += item.num_tokens
             if item.samples:
                 request.output_ids.append(next(tokens))
                 advanced.append(request)
-            self.cache.commit(request.cache, request.all_ids[:request.num_computed])
+            self.cache.commit(request.cache, request.all_ids[:request.num_computed], item.checkpoint)
         for request in plan.decodes:
+            self.cache.restored(request.cache)
             request.num_computed += 1
             request.output_ids.append(next(tokens))
             advanced.append(request)

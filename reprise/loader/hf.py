@@ -13,13 +13,16 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from reprise.loader.errors import LoadError
-from reprise.models.config import ModelConfig
+from reprise.models.config import LAYER_KINDS, ModelConfig
+from reprise.models.layers.mlp import ACTIVATIONS
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "MistralForCausalLM": "mistral",
+    "Qwen3_5ForCausalLM": "qwen3_5",
+    "Gemma3ForCausalLM": "gemma3",
 }
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 _SKIPPED = ("rotary_emb.inv_freq",)      # buffers some old checkpoints saved; recomputed by the model
@@ -43,7 +46,6 @@ def hf_config(path: str) -> ModelConfig:
     _check_supported_options(raw, arch, config_path)
     generation_path = os.path.join(path, "generation_config.json")
     generation = _read_json(generation_path) if os.path.isfile(generation_path) else {}
-    rope_theta, rope_scaling = _rope(raw)
     try:
         num_heads = raw["num_attention_heads"]
         return ModelConfig(
@@ -56,17 +58,16 @@ def hf_config(path: str) -> ModelConfig:
             num_key_value_heads=raw.get("num_key_value_heads") or num_heads,
             head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
             max_position_embeddings=raw.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=arch == "qwen2",
             qk_norm=arch == "qwen3",
-            sliding_window=raw.get("sliding_window") if arch == "mistral" else None,
+            sliding_window=raw.get("sliding_window") if arch in ("mistral", "gemma3") else None,
             bos_token_id=next((i for i in (raw.get("bos_token_id"), generation.get("bos_token_id")) if i is not None),
                               None),
             eos_token_ids=_ids(raw.get("eos_token_id"), generation.get("eos_token_id")),
             name=os.path.basename(os.path.normpath(path)),
+            **_family_fields(raw, arch),
         )
     except KeyError as error:
         raise LoadError(f"{config_path} has no {error.args[0]!r}") from None
@@ -129,24 +130,80 @@ def _architecture(raw: dict, path: str) -> str:
 
 def _check_supported_options(raw: dict, arch: str, config_path: str) -> None:
     """Options of these families that change the weights or the attention pattern, which we lack."""
-    unsupported = [key for key in ("mlp_bias", "use_sliding_window") if raw.get(key)]
+    unsupported = [f"{key}=true" for key in ("mlp_bias", "use_sliding_window", "use_bidirectional_attention")
+                   if raw.get(key)]
     if arch != "qwen2" and raw.get("attention_bias"):
-        unsupported.append("attention_bias")
+        unsupported.append("attention_bias=true")
+    activation = raw.get("hidden_activation") or raw.get("hidden_act") or "silu"
+    if activation not in ACTIVATIONS:
+        unsupported.append(f"hidden_act={activation}")
+    local_rope = ((raw.get("rope_parameters") or {}).get("sliding_attention") or {}).get("rope_type", "default")
+    if arch == "gemma3" and local_rope != "default":
+        unsupported.append(f"rope_type={local_rope} on sliding_attention layers")
+    layer_types = set(raw.get("layer_types") or ()) - set(LAYER_KINDS)
+    if layer_types:
+        unsupported.append(f"layer type {sorted(layer_types)[0]}")
     if unsupported:
-        raise LoadError(f"unsupported option {unsupported[0]}=true in {config_path}")
+        raise LoadError(f"unsupported option {unsupported[0]} in {config_path}")
 
 
-def _rope(raw: dict) -> tuple[float, dict | None]:
+def _family_fields(raw: dict, arch: str) -> dict:
+    """ModelConfig fields whose reading differs by family: RoPE, activation, layer types and the rest."""
+    if arch == "gemma3":
+        return dict(**_gemma3_rope(raw), hidden_act=raw.get("hidden_activation") or "gelu_pytorch_tanh",
+                    layer_types=_layer_types(raw, "sliding_window_pattern", 6, "sliding_attention"),
+                    query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar", 256)),
+                    final_logit_softcapping=raw.get("final_logit_softcapping"))
+    theta, scaling = _rope(raw)
+    fields = dict(rope_theta=theta, rope_scaling=scaling, hidden_act=raw.get("hidden_act") or "silu")
+    if arch == "qwen3_5":
+        params = raw.get("rope_parameters") or {}
+        fields.update(
+            layer_types=_layer_types(raw, "full_attention_interval", 4, "linear_attention"),
+            partial_rotary_factor=float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 0.25))),
+            linear_conv_kernel_dim=raw.get("linear_conv_kernel_dim", 4),
+            linear_num_key_heads=raw["linear_num_key_heads"], linear_num_value_heads=raw["linear_num_value_heads"],
+            linear_key_head_dim=raw["linear_key_head_dim"], linear_value_head_dim=raw["linear_value_head_dim"])
+    return fields
+
+
+def _layer_types(raw: dict, pattern_key: str, default_period: int, between: str) -> tuple[str, ...]:
+    """`layer_types`, or for configs without it the family's period: every period-th layer is
+    full attention, the layers between are `between`."""
+    if raw.get("layer_types"):
+        return tuple(raw["layer_types"])
+    period = raw.get(pattern_key) or default_period
+    return tuple("full_attention" if (i + 1) % period == 0 else between for i in range(raw["num_hidden_layers"]))
+
+
+def _rope(raw: dict, default_theta: float = 10000.0) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling in HF form or None) from either config layout.
 
     transformers 5 writes one `rope_parameters` dict holding rope_theta; older configs have a
-    top-level rope_theta and a `rope_scaling` dict that may say "type" for "rope_type".
+    top-level rope_theta and a `rope_scaling` dict that may say "type" for "rope_type". Keys that
+    only shape positions for images (Qwen3.5's mrope_*) or the rotary share are not scaling.
     """
     params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-    theta = float(params.pop("rope_theta", raw.get("rope_theta", 10000.0)))
+    theta = float(params.pop("rope_theta", raw.get("rope_theta", default_theta)))
+    for key in ("partial_rotary_factor", "mrope_section", "mrope_interleaved"):
+        params.pop(key, None)
     legacy_type = params.pop("type", None)
     params.setdefault("rope_type", legacy_type or "default")
     return theta, None if params["rope_type"] == "default" else params
+
+
+def _gemma3_rope(raw: dict) -> dict:
+    """Gemma 3: full layers use the global base (and any scaling), sliding layers a local base.
+    transformers 5 keeps one rope_parameters dict per layer type; older configs say
+    rope_theta / rope_scaling / rope_local_base_freq."""
+    per_type = raw.get("rope_parameters") or {}
+    if "full_attention" in per_type:
+        theta, scaling = _rope({"rope_parameters": per_type["full_attention"]}, 1_000_000.0)
+        local_theta, _ = _rope({"rope_parameters": per_type.get("sliding_attention")}, 10_000.0)
+    else:
+        theta, scaling = _rope(raw, 1_000_000.0)
+        local_theta = float(raw.get("rope_local_base_freq", 10_000.0))
+    return dict(rope_theta=theta, rope_scaling=scaling, rope_local_base_freq=local_theta)
 
 
 def _ids(*values) -> tuple[int, ...]:

@@ -31,8 +31,8 @@ def test_directory_without_config(tmp_path):
 def test_unsupported_hf_architecture(tmp_path):
     with open(tmp_path / "config.json", "w") as file:
         json.dump({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64}, file)
-    assert load_error(tmp_path) == \
-        f"unsupported architecture 'GPT2LMHeadModel' in {tmp_path} (supported: llama, qwen2, qwen3, mistral)"
+    assert load_error(tmp_path) == (f"unsupported architecture 'GPT2LMHeadModel' in {tmp_path} "
+                                    "(supported: llama, qwen2, qwen3, mistral, qwen3_5, gemma3)")
 
 
 def test_directory_missing_tokenizer_or_weights(tmp_path):

@@ -8,15 +8,23 @@ from reprise.engine.request import Request, SamplingParams
 from reprise.engine.runner import ScheduledChunk, StepPlan
 
 
-def engine_logits(engine: Engine, ids: list[int], num_prompt: int, chunk: int = 48) -> torch.Tensor:
+def engine_logits(engine: Engine, ids: list[int], num_prompt: int, chunk: int = 48,
+                  drop_outside: int | None = None) -> torch.Tensor:
     """Logits for positions num_prompt-1 .. len(ids)-1: the prompt is prefilled in chunks, the rest
-    of `ids` is fed one token at a time as decodes."""
+    of `ids` is fed one token at a time as decodes. Hybrid models run in state slot 0. With
+    `drop_outside` (a sliding window), block-table entries wholly older than the window of the next
+    token are set to None before each step, as the cache releases them, and put back at the end."""
     request = Request(ids[:num_prompt], SamplingParams(temperature=0))
     match = engine.cache.match([], None)
     request.cache, _ = engine.cache.acquire(match, None)
+    by_hand = bool(engine.runner.states) and request.cache.state_slot is None
+    if by_hand:             # the engine's cache does not hand out state slots (yet): take slot 0
+        request.cache.state_slot = 0
     assert engine.cache.allocate(request.cache, len(ids))
+    held = list(request.cache.block_table)
     rows = []
     while request.num_computed < num_prompt:
+        _drop(request, drop_outside, engine.block_size)
         size = min(chunk, num_prompt - request.num_computed)
         logits, _ = engine.runner.forward(StepPlan((ScheduledChunk(request, size, True),), (), ()))
         request.num_computed += size
@@ -24,8 +32,18 @@ def engine_logits(engine: Engine, ids: list[int], num_prompt: int, chunk: int = 
     rows = rows[-1:]
     for token in ids[num_prompt:]:
         request.output_ids.append(token)
+        _drop(request, drop_outside, engine.block_size)
         logits, _ = engine.runner.forward(StepPlan((), (request,), ()))
         request.num_computed += 1
         rows.append(logits[0])
+    request.cache.block_table[:] = held
+    if by_hand:
+        request.cache.state_slot = None
     engine.cache.release(request.cache, [])
     return torch.stack(rows)
+
+
+def _drop(request: Request, window: int | None, block_size: int) -> None:
+    if window is not None:
+        num_dead = max(0, request.num_computed - window + 1) // block_size
+        request.cache.block_table[:num_dead] = [None] * num_dead

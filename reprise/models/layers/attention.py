@@ -1,42 +1,52 @@
-"""Paged attention: one path that reads K/V through block tables, for prefill chunks and decodes alike.
+"""Paged attention: one path that reads K/V through block tables, for prefill chunks and decodes alike,
+and the self-attention module the families share.
 
-The KV cache of a layer is a pair of tensors [num_blocks, block_size, kv_heads, head_dim]. A step's
-tokens are laid out flat: first each prefill chunk (one sequence after another), then every decode
-token (one per sequence). New K/V are written to their slots first, then each query reads its
-sequence's keys through the block table, so a chunk sees the cached prefix and itself.
-
-    tokens:   | prefill seq A (q_len_a) | prefill seq B (q_len_b) | decode x1 | decode x1 | ...
-    keys:     A: block_table_a[:ctx_len_a]            decode: block_tables[b][:ctx_lens[b]], padded
+The KV cache of a layer is a pair of tensors [num_blocks, block_size, kv_heads, head_dim]. New K/V
+are written to their slots first, then each query reads its sequence's keys through its block table
+(see batch.py), so a chunk sees the cached prefix and itself.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from reprise.models.config import ModelConfig
+from reprise.models.layers.batch import AttentionBatch, DecodeBatch, PrefillChunk
+from reprise.models.layers.rope import apply_rotary
 
 
-@dataclass(frozen=True)
-class PrefillChunk:
-    q_start: int                 # first token of this chunk in the flat batch
-    q_len: int                   # tokens computed in this chunk
-    ctx_len: int                 # keys visible to the chunk's last token (cached prefix + chunk)
-    block_table: torch.Tensor    # [ceil(ctx_len / block_size)] block ids
-    mask: torch.Tensor | None    # [1, 1, q_len, ctx_len] additive (0 / -inf); None when the chunk starts at 0
+class Attention(nn.Module):
+    """q/k/v fused into one projection; optional per-head q/k norm (`norm` is its class); with
+    `gated`, q_proj also yields a per-head output gate (Qwen3.5: [q_h, gate_h] per head)."""
 
+    def __init__(self, config: ModelConfig, norm: type[nn.Module] | None = None, gated: bool = False):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim, self.gated = config.head_dim, gated
+        self.q_size = self.num_heads * self.head_dim * (2 if gated else 1)
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_norm = norm(self.head_dim, config.rms_norm_eps) if norm else None
+        self.k_norm = norm(self.head_dim, config.rms_norm_eps) if norm else None
+        self.scale = (config.query_pre_attn_scalar or self.head_dim) ** -0.5
 
-@dataclass(frozen=True)
-class DecodeBatch:
-    q_start: int                 # decode tokens are the last `num_seqs` tokens of the batch
-    block_tables: torch.Tensor   # [num_seqs, max_blocks], padded with any valid block id
-    mask: torch.Tensor           # [num_seqs, 1, 1, max_blocks * block_size] bool: key is visible
-
-
-@dataclass(frozen=True)
-class AttentionBatch:
-    slot_mapping: torch.Tensor   # [num_tokens] flat slot (block * block_size + offset) for new K/V
-    prefills: tuple[PrefillChunk, ...]
-    decode: DecodeBatch | None
+    def forward(self, x, rope, kv_cache, batch: AttentionBatch) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        gate = None
+        if self.gated:
+            q, gate = q.view(-1, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = paged_attention(q, k, v, *kv_cache, batch, self.scale)
+        if gate is not None:
+            out = out * torch.sigmoid(gate.reshape(out.shape))
+        return self.o_proj(out)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -68,8 +78,8 @@ def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chun
              scale: float) -> torch.Tensor:
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    keys = _gather(k_cache, chunk.block_table, chunk.ctx_len).transpose(0, 1)
-    values = _gather(v_cache, chunk.block_table, chunk.ctx_len).transpose(0, 1)
+    keys = _gather(k_cache, chunk.block_table, chunk.num_keys).transpose(0, 1)
+    values = _gather(v_cache, chunk.block_table, chunk.num_keys).transpose(0, 1)
     if group > 1:
         keys = keys.repeat_interleave(group, dim=0)
         values = values.repeat_interleave(group, dim=0)

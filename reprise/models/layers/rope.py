@@ -6,8 +6,8 @@ import math
 import torch
 
 
-def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+def inverse_frequencies(rotary_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind in (None, "default"):
         return inv_freq
@@ -32,22 +32,27 @@ def _llama3(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding:
-    """Holds cos/sin for every position up to max_positions; `table(positions)` is one gather per step."""
+    """cos/sin of one RoPE variant, computed per step from the positions (in float64, then cast)."""
 
-    def __init__(self, head_dim: int, theta: float, scaling: dict | None, max_positions: int,
-                 device: torch.device, dtype: torch.dtype):
-        inv_freq = inverse_frequencies(head_dim, theta, scaling)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
-        angles = torch.cat([freqs, freqs], dim=-1)
-        self.cos = angles.cos().to(device=device, dtype=dtype)
-        self.sin = angles.sin().to(device=device, dtype=dtype)
+    def __init__(self, rotary_dim: int, theta: float, scaling: dict | None):
+        # a plain attribute, not a buffer: model.to(dtype) must not round the frequencies
+        self.inv_freq = inverse_frequencies(rotary_dim, theta, scaling)
 
-    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [tokens, 1, rotary_dim]."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.to(torch.float64)[:, None] * self.inv_freq
+        angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [tokens, heads, head_dim]; cos/sin: [tokens, 1, head_dim]."""
-    half = x.shape[-1] // 2
+    """x: [tokens, heads, head_dim]; cos/sin: [tokens, 1, rotary_dim]. Dimensions past rotary_dim
+    (partial rotary) pass through unchanged."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < x.shape[-1]:
+        return torch.cat([apply_rotary(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]], dim=-1)
+    half = rotary_dim // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
