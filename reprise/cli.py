@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 
 from reprise.config import EngineConfig, parse_bytes
@@ -22,19 +21,22 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length cap")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-interval", type=int, default=1024,
+                        help="hybrid models: tokens between recurrent-state checkpoints in the prefix cache")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, kv_cache_bytes=args.kv_cache_bytes,
                         block_size=args.block_size, prefix_cache=not args.no_prefix_cache,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        max_model_len=args.max_model_len, seed=args.seed)
+                        max_model_len=args.max_model_len, seed=args.seed,
+                        checkpoint_interval=args.checkpoint_interval)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from reprise.server.config import server_config
     from reprise.server.serve import serve
-    serve(engine_config(args), host=args.host, port=args.port,
-          api_key=args.api_key or os.environ.get("REPRISE_API_KEY"), served_model_name=args.served_model_name)
+    serve(engine_config(args), server_config(args))
     return 0
 
 
@@ -71,10 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible API")
     _engine_flags(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env REPRISE_API_KEY)")
-    serve.add_argument("--served-model-name", default=None)
+    from reprise.server.config import add_serve_flags
+    add_serve_flags(serve)
     serve.set_defaults(run=_serve)
 
     generate = commands.add_parser("generate", help="complete one prompt")

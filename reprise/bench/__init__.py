@@ -1,26 +1,46 @@
-"""`reprise bench decode|prefix`: in-process benchmarks that print a table and write JSON."""
+"""`reprise bench decode|prefix`: in-process benchmarks that print a table and write JSON;
+`reprise bench serve`: the same questions asked over HTTP of any OpenAI-compatible server;
+`reprise bench compare`: serve results side by side."""
 from __future__ import annotations
 
 import argparse
 
 
 def add_bench_parser(commands, engine_flags) -> argparse.ArgumentParser:
-    bench = commands.add_parser("bench", help="benchmarks: decode (throughput), prefix (cache TTFT)")
-    bench.add_argument("what", choices=["decode", "prefix"])
+    bench = commands.add_parser("bench", help="benchmarks: decode (throughput), prefix (cache TTFT), "
+                                   "serve (any OpenAI-compatible server), compare (serve results)")
+    bench.add_argument("what", choices=["decode", "prefix", "serve", "compare", "soak"])
     engine_flags(bench)
     bench.add_argument("--prompt-tokens", type=int, default=2000, help="decode: prefill prompt length")
     bench.add_argument("--batch-sizes", default="1,8", help="decode: concurrent streams to measure")
     bench.add_argument("--decode-tokens", type=int, default=128, help="decode: tokens generated per stream")
     bench.add_argument("--lengths", default="2000,4000,8000", help="prefix: prompt lengths in tokens")
     bench.add_argument("--output-tokens", type=int, default=32, help="prefix: tokens generated per request")
-    bench.add_argument("--repeats", type=int, default=3, help="prefix: hot runs per case (median reported)")
-    bench.add_argument("--out", default=None, help="write the results as JSON here")
-    bench.add_argument("--plot", default=None, help="prefix: write a PNG chart here")
+    bench.add_argument("--repeats", type=int, default=3,
+                       help="prefix, serve repeat/nearest: hot runs per case (median reported)")
+    bench.add_argument("--out", default=None, help="write the results as JSON here (compare: markdown)")
+    bench.add_argument("--plot", default=None, help="prefix, serve, compare: write a PNG chart here")
+    bench.add_argument("inputs", nargs="*", help="compare: result files of bench serve")
+    from reprise.bench.serve import add_serve_flags
+    add_serve_flags(bench)
+    bench.add_argument("--requests", type=int, default=300,
+                       help="soak: requests to send (also uses --base-url, --api-key, --concurrency, "
+                            "--request-timeout, --seed, --out)")
     return bench
 
 
 def run_bench(args: argparse.Namespace, llm_kwargs: dict) -> int:
     from reprise.bench.report import environment, print_table, write_json
+    if args.what == "serve":
+        from reprise.bench.serve import run_serve
+        run_serve(args)
+        return 0
+    if args.what == "soak":
+        from reprise.bench.soak import run_soak_command
+        return run_soak_command(args)
+    if args.what == "compare":
+        from reprise.bench.compare import run_compare
+        return run_compare(args.inputs, args.out, args.plot)
     if args.what == "decode":
         from reprise.bench.decode import run_decode
         result = run_decode(llm_kwargs, args.prompt_tokens, [int(b) for b in args.batch_sizes.split(",")],

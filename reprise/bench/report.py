@@ -11,8 +11,20 @@ import torch
 def environment(options: dict) -> dict:
     from reprise import __version__
     return {"reprise": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "cpu": _cpu_model(), "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "options": {k: v for k, v in options.items() if v is not None}}
+
+
+def _cpu_model() -> str:
+    """The "model name" line of /proc/cpuinfo where there is one (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def print_table(rows: list[dict]) -> None:

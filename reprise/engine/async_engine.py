@@ -1,7 +1,8 @@
 """AsyncEngine: the Engine on its own thread, so the event loop never waits on the model.
 
 Commands (add, abort) cross into the engine thread through a queue; outputs come back to each
-request's asyncio.Queue through `loop.call_soon_threadsafe`.
+request's asyncio.Queue through `loop.call_soon_threadsafe`. `generate` queues a request at once
+and returns its `RequestStream`, so a caller can count, refuse or submit without awaiting.
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import logging
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator
 
 from reprise.engine.engine import Engine
 from reprise.engine.request import RequestOutput, SamplingParams
@@ -22,37 +22,64 @@ class EngineDead(RuntimeError):
     """The engine thread failed; the message says why."""
 
 
+class RequestStream:
+    """One queued request's outputs, as an async iterator; the last output is finished.
+
+    `close()` before the last output aborts the request (its blocks go back to the pool); it is
+    idempotent and safe at any time, also before the engine thread has seen the request.
+    """
+
+    def __init__(self, async_engine: AsyncEngine, request_id: str):
+        self.request_id = request_id
+        self.outputs: asyncio.Queue = asyncio.Queue()
+        self._async_engine = async_engine
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        output = await self.outputs.get()
+        if isinstance(output, BaseException):
+            self._done = True
+            raise output
+        self._done = output.finished
+        return output
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._async_engine.abort(self.request_id)
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()         # guards engine reads from other threads (stats, lookup)
+        self._count_lock = threading.Lock()   # guards _num_queued_adds (written by both threads)
+        self._num_queued_adds = 0
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="reprise-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="reprise-engine", daemon=True)
         self._thread.start()
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, salt: str | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yields outputs as tokens come; the last one is finished. Closing the iterator early aborts."""
+    def generate(self, prompt_ids: list[int], params: SamplingParams, salt: str | None = None,
+                 request_id: str | None = None) -> RequestStream:
+        """Queues the request now and returns its outputs. Raises ValueError when it can never run
+        (engine.check_prompt) and EngineDead when the engine thread is gone; an add the engine
+        refuses later surfaces as the stream's first item."""
         self.engine.check_prompt(len(prompt_ids), params.max_tokens)
+        if not self.is_alive:
+            raise EngineDead("the engine thread is not running")
         loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue = asyncio.Queue()
-        added: asyncio.Future = loop.create_future()
-        request_id = request_id or f"req-{uuid.uuid4().hex}"
-        self._commands.put(("add", (prompt_ids, params, salt, request_id, loop, outputs, added)))
-        finished = False
-        try:
-            await added
-            while not finished:
-                output = await outputs.get()
-                if isinstance(output, BaseException):
-                    raise output
-                finished = output.finished
-                yield output
-        finally:
-            if not finished:           # also when cancelled before the engine thread saw the add
-                self._commands.put(("abort", request_id))
+        stream = RequestStream(self, request_id or f"req-{uuid.uuid4().hex}")
+        with self._count_lock:
+            self._num_queued_adds += 1
+        self._commands.put(("add", (prompt_ids, params, salt, stream.request_id, loop, stream.outputs)))
+        return stream
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -63,13 +90,33 @@ class AsyncEngine:
             return function(*args)
 
     @property
-    def num_waiting_commands(self) -> int:
-        return self._commands.qsize()
+    def num_waiting(self) -> int:
+        """Requests accepted but not running: adds the engine thread has not taken yet, plus the
+        scheduler's waiting queue (preempted requests included). Read without the step lock, so
+        it may be off by the few requests admitted in the current step."""
+        with self._count_lock:
+            return self._num_queued_adds + len(self.engine.scheduler.waiting)
+
+    @property
+    def is_alive(self) -> bool:
+        """False once the engine thread has stopped, by shutdown() or by an error it could not survive."""
+        return self._thread.is_alive() and not self._stopping.is_set()
 
     def shutdown(self, timeout: float | None = None) -> None:
         self._stopping.set()
         self._commands.put(("wake", None))
         self._thread.join(timeout)
+
+    def _run(self) -> None:
+        dead = EngineDead("the engine was shut down")
+        try:
+            self._loop()
+        except BaseException as error:         # noqa: BLE001 - logged; /health reports the dead thread
+            log.exception("the engine thread stopped")
+            dead = EngineDead(f"the engine thread stopped: {type(error).__name__}")
+        finally:                                # no client may wait on a thread that is gone
+            self._refuse_queued(dead)
+            self._tell_all(dead)
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -81,7 +128,7 @@ class AsyncEngine:
                     outputs = self.engine.step()
             except Exception as error:          # noqa: BLE001 - a failed step must not hang clients
                 log.exception("engine step failed")
-                self._fail_all(error)
+                self._fail_all(EngineDead(f"engine step failed: {error}"))
                 continue
             for output in outputs:
                 self._deliver(output)
@@ -100,43 +147,59 @@ class AsyncEngine:
 
     def _run_command(self, kind: str, payload) -> None:
         if kind == "add":
-            prompt_ids, params, salt, request_id, loop, outputs, added = payload
-            try:
-                with self._lock:
-                    request = self.engine.add_request(prompt_ids, params, salt, request_id)
-            except Exception as error:          # noqa: BLE001 - reported to the caller
-                loop.call_soon_threadsafe(_settle, added, None, error)
-                return
-            self._streams[request.request_id] = (loop, outputs)
-            loop.call_soon_threadsafe(_settle, added, request.request_id, None)
+            self._add(*payload)
         elif kind == "abort":
             with self._lock:
                 output = self.engine.abort(payload)
             if output is not None:
                 self._deliver(output)
 
+    def _add(self, prompt_ids, params, salt, request_id, loop, outputs) -> None:
+        try:
+            with self._lock:
+                self.engine.add_request(prompt_ids, params, salt, request_id)
+        except Exception as error:              # noqa: BLE001 - reported to the caller
+            _post(loop, outputs, error)
+        else:
+            self._streams[request_id] = (loop, outputs)
+        finally:
+            with self._count_lock:              # after add_request: the request is never uncounted
+                self._num_queued_adds -= 1
+
     def _deliver(self, output: RequestOutput) -> None:
         target = self._streams.get(output.request_id)
         if output.finished:
             self._streams.pop(output.request_id, None)
         if target is not None:
-            loop, outputs = target
-            loop.call_soon_threadsafe(outputs.put_nowait, output)
+            _post(*target, output)
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail_all(self, dead: EngineDead) -> None:
+        """Tells every client, then aborts their requests so their blocks go back to the pool."""
         with self._lock:
-            for request_id in list(self._streams):
+            for request_id in self._tell_all(dead):
                 self.engine.abort(request_id)
-        dead = EngineDead(f"engine step failed: {error}")
-        for loop, outputs in self._streams.values():
-            loop.call_soon_threadsafe(outputs.put_nowait, dead)
-        self._streams.clear()
+
+    def _tell_all(self, dead: EngineDead) -> list[str]:
+        """Ends every client's stream with `dead`; returns their request ids."""
+        streams, self._streams = self._streams, {}
+        for loop, outputs in streams.values():
+            _post(loop, outputs, dead)
+        return list(streams)
+
+    def _refuse_queued(self, dead: EngineDead) -> None:
+        """Answers the adds queued after the thread's last drain, so their streams end too."""
+        while True:
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                _post(payload[4], payload[5], dead)
 
 
-def _settle(future: asyncio.Future, value, error) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(value)
+def _post(loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue, item) -> None:
+    """Hands `item` to a stream's queue on its event loop; a closed loop has no one left to tell."""
+    try:
+        loop.call_soon_threadsafe(outputs.put_nowait, item)
+    except RuntimeError:
+        pass

@@ -1,24 +1,27 @@
 """The FastAPI app: OpenAI-compatible routes over one AsyncEngine.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, POST /v1/cache/lookup (dry-run match),
-GET /v1/models, GET /health, GET /metrics. With an API key, /v1/* needs
-`Authorization: Bearer KEY`; /health and /metrics stay open. Every error has OpenAI's shape
-(errors.py). A streaming client that disconnects cancels its stream, which aborts the requests;
-a non-streaming one is watched for the same.
+GET /v1/cache/check (the cache's invariants, recounted), GET /v1/models, GET /health (503 once the
+engine thread is gone), GET /metrics. With API keys, /v1/* needs `Authorization: Bearer KEY`;
+/health and /metrics stay open. Bodies past --max-body-bytes get 413 before any parsing. Every
+error has OpenAI's shape (errors.py). A request is admitted (or refused with 429) before its
+response starts, so a streaming client sees the status too. A streaming client that disconnects
+cancels its stream, which aborts the requests; a non-streaming one is watched for the same.
 """
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from reprise.engine.async_engine import AsyncEngine
-from reprise.server.errors import APIError, error_response, install_error_handlers
+from reprise.engine.async_engine import AsyncEngine, RequestStream
+from reprise.server.config import ServerConfig
+from reprise.server.errors import APIError, install_error_handlers
 from reprise.server.metrics import CONTENT_TYPE, ServerMetrics
+from reprise.server.middleware import TENANT_SALT, BearerAuth, BodyLimit
 from reprise.server.protocol import CacheLookupRequest, ChatCompletionRequest, CompletionRequest
 from reprise.server.responses import event_stream, response_body
 from reprise.server.serving import Job, Serving
@@ -26,21 +29,21 @@ from reprise.server.serving import Job, Serving
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def create_app(async_engine: AsyncEngine, served_model_name: str | None = None,
-               api_key: str | None = None) -> FastAPI:
+def create_app(async_engine: AsyncEngine, config: ServerConfig = ServerConfig()) -> FastAPI:
     """The app for one running AsyncEngine; the caller starts and shuts down the engine."""
     engine = async_engine.engine
     metrics = ServerMetrics(lambda: async_engine.call(engine.stats))
-    serving = Serving(async_engine, metrics, served_model_name)
+    serving = Serving(async_engine, metrics, config)
     app = FastAPI(title="reprise", version="0.1.0")
     app.state.serving = serving
-    install_error_handlers(app)
-    if api_key:
-        app.add_middleware(BearerAuth, api_key=api_key)
+    install_error_handlers(app, config.log_prompts)
+    _install_middleware(app, config)
     created = int(time.time())
 
     @app.get("/health")
     async def health() -> dict:
+        if not async_engine.is_alive:
+            raise APIError(503, "the engine thread is not running", code="engine_dead")
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -55,23 +58,53 @@ def create_app(async_engine: AsyncEngine, served_model_name: str | None = None,
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await _respond(serving, serving.chat_job(body), request)
+        return await _respond(serving, serving.chat_job(body, _tenant_salt(request)), request)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await _respond(serving, serving.completion_job(body), request)
+        return await _respond(serving, serving.completion_job(body, _tenant_salt(request)), request)
 
     @app.post("/v1/cache/lookup")
-    async def cache_lookup(body: CacheLookupRequest) -> dict:
-        return (await serving.lookup(body)).model_dump()
+    async def cache_lookup(body: CacheLookupRequest, request: Request) -> dict:
+        return (await serving.lookup(body, _tenant_salt(request))).model_dump()
+
+    @app.get("/v1/cache/check")
+    async def cache_check() -> dict:
+        return await asyncio.to_thread(async_engine.call, _check_cache, engine.cache)
 
     return app
 
 
+def _install_middleware(app: FastAPI, config: ServerConfig) -> None:
+    app.add_middleware(BodyLimit, max_body_bytes=config.max_body_bytes)
+    if config.api_keys:             # added last, so it runs first: a refused caller sends no body
+        app.add_middleware(BearerAuth, api_keys=config.api_keys, salt_per_key=config.salt_per_key)
+
+
+def _tenant_salt(request: Request) -> str | None:
+    return request.scope.get("state", {}).get(TENANT_SALT)
+
+
+def _check_cache(cache) -> dict:
+    """{ok, violation, num_blocks, blocks}: the recounted invariants (DESIGN.md section 3) and the
+    block states; run between engine steps. Walks the whole pool: for tests and soak runs."""
+    stats = cache.stats
+    try:
+        cache.check_invariants()
+        violation = None
+    except AssertionError as error:
+        violation = str(error)
+    blocks = {"used": stats.blocks_used, "cached": stats.blocks_cached, "free": stats.blocks_free}
+    ok = violation is None and sum(blocks.values()) == stats.num_blocks
+    return {"ok": ok, "violation": violation, "num_blocks": stats.num_blocks, "blocks": blocks}
+
+
 async def _respond(serving: Serving, job: Job, request: Request) -> Response:
+    streams = serving.start(job)
     if job.stream:
-        return StreamingResponse(event_stream(serving, job), media_type="text/event-stream", headers=_SSE_HEADERS)
-    work = asyncio.ensure_future(serving.run(job))
+        return _ClosingStreamingResponse(streams, event_stream(serving, job, streams),
+                                         media_type="text/event-stream", headers=_SSE_HEADERS)
+    work = asyncio.ensure_future(serving.run(job, streams))
     gone = asyncio.ensure_future(_disconnected(request))
     await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
     gone.cancel()
@@ -87,21 +120,17 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-class BearerAuth:
-    """ASGI middleware: /v1/* needs `Authorization: Bearer <api_key>`, compared in constant time."""
+class _ClosingStreamingResponse(StreamingResponse):
+    """Closes the job's streams however the response ends: even a body generator that never
+    started (the client left first) leaves no request running."""
 
-    def __init__(self, app: ASGIApp, api_key: str):
-        self.app = app
-        self._expected = f"Bearer {api_key}".encode()
+    def __init__(self, streams: list[RequestStream], content, **kwargs):
+        super().__init__(content, **kwargs)
+        self._streams = streams
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1") and not self._authorized(scope):
-            response = error_response(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
-                                      code="invalid_api_key")
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-    def _authorized(self, scope: Scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        return secrets.compare_digest(header, self._expected)
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for stream in self._streams:
+                stream.close()

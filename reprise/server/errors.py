@@ -1,13 +1,20 @@
 """OpenAI-shaped errors: every failure leaves as `{"error": {"message", "type", "param", "code"}}`.
 
-Bad input is 400 (validation is never FastAPI's 422), a missing or wrong key 401, an unknown model
-or route 404, a request larger than the whole KV pool 413. Unexpected failures are logged and
-answered 503 with the same shape, so no client ever sees a bare 500 or an HTML page.
+Bad input is 400 (validation is never FastAPI's 422, and a prompt past the model's context is 400
+`context_length_exceeded`, as OpenAI answers), a missing or wrong key 401, an unknown model or route
+404, a request past a limit this server sets (body bytes, prompt tokens, the KV pool, prompts per
+request) 413, a full waiting queue 429 with `Retry-After`, a dead engine 503. Unexpected failures
+are logged and answered 503 with the same shape, so no client ever sees a bare 500 or an HTML page.
+Bodies are rendered as ASCII JSON, so a message quoting input with a lone surrogate still encodes.
+
+Logs never quote a request: exception messages can (pydantic, KeyError, tokenizer errors), so they
+are logged as their type and stack only, unless the server runs with --log-prompts.
 """
 from __future__ import annotations
 
 import json
 import logging
+import traceback
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,9 +31,16 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_f
 class APIError(Exception):
     """Raised anywhere in a handler; becomes an OpenAI error response with `status`."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
+
+
+class _ASCIIJSONResponse(JSONResponse):
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
@@ -34,8 +48,19 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
                       "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status)
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return _ASCIIJSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def log_failure(what: str, error: BaseException, log_prompts: bool) -> None:
+    """Logs an unexpected failure: with its message only under --log-prompts (messages can quote input)."""
+    if log_prompts:
+        log.error("%s", what, exc_info=error)
+        return
+    stack = "".join(traceback.format_tb(error.__traceback__))
+    log.error("%s: %s (message withheld: it may quote the request; --log-prompts shows it)\n%s",
+              what, type(error).__name__, stack.rstrip())
 
 
 def sse_error(error: APIError) -> str:
@@ -67,7 +92,7 @@ def _field_path(error: dict) -> list[str]:
 
 
 async def _on_api_error(request: Request, error: APIError) -> JSONResponse:
-    return error_response(error.status, error.message, error.param, error.code)
+    return error_response(error.status, error.message, error.param, error.code, error.headers)
 
 
 async def _on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -80,13 +105,12 @@ async def _on_http_error(request: Request, error: HTTPException) -> JSONResponse
     return error_response(status, str(error.detail), code="not_found" if status == 404 else None)
 
 
-async def _on_unexpected(request: Request, error: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
-    return error_response(503, f"internal error: {type(error).__name__}: {error}")
+def install_error_handlers(app: FastAPI, log_prompts: bool = False) -> None:
+    async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
+        log_failure(f"unhandled error on {request.method} {request.url.path}", error, log_prompts)
+        return error_response(503, f"internal error: {type(error).__name__}: {error}")
 
-
-def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(HTTPException, _on_http_error)
-    app.add_exception_handler(Exception, _on_unexpected)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -50,6 +50,8 @@ class EngineCollector:
         blocks.add_metric(["cached"], cache.blocks_cached)
         blocks.add_metric(["free"], cache.blocks_free)
         yield blocks
+        yield CounterMetricFamily("reprise:num_preemptions", "Running requests preempted to free KV blocks.",
+                                  value=stats.num_preemptions)
         yield GaugeMetricFamily("reprise:num_requests_running", "Requests in the running batch.",
                                 value=stats.num_running)
         yield GaugeMetricFamily("reprise:num_requests_waiting", "Requests waiting to be admitted.",

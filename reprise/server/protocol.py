@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from reprise.engine.request import RequestOutput, SamplingParams
 from reprise.server.errors import APIError
 
+_GREEDY_BELOW = 1e-5            # as vLLM's _SAMPLING_EPS
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -50,10 +51,10 @@ class GenerationRequest(_Body):
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)     # None (or null) = the OpenAI default, 1.0
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)  # None (or null) = OpenAI's 1.0
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=-1)            # 0 or -1 = off
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**64)   # what torch.Generator.manual_seed takes
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
@@ -80,7 +81,7 @@ class GenerationRequest(_Body):
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         try:
             return SamplingParams(
-                temperature=_or(self.temperature, 1.0), top_p=_or(self.top_p, 1.0), top_k=max(self.top_k or 0, 0),
+                temperature=_temperature(self.temperature), top_p=_or(self.top_p, 1.0), top_k=max(self.top_k or 0, 0),
                 max_tokens=max_tokens, stop=self.stop, stop_token_ids=tuple(self.stop_token_ids or ()),
                 seed=self.seed, ignore_eos=bool(self.ignore_eos))
         except ValueError as error:
@@ -183,6 +184,13 @@ class Usage(BaseModel):
         cached = sum(o.cached_tokens for o in outputs)
         return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                    prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+
+def _temperature(value: float | None) -> float:
+    """OpenAI's default 1.0 for None; below _GREEDY_BELOW it is greedy, as dividing logits by it
+    would overflow float32 into inf - inf = NaN probabilities and fail the whole batch's step."""
+    temperature = _or(value, 1.0)
+    return 0.0 if temperature < _GREEDY_BELOW else temperature
 
 
 def _or(value, default):

@@ -12,9 +12,9 @@ import json
 import logging
 from collections.abc import AsyncIterator
 
-from reprise.engine.async_engine import EngineDead
+from reprise.engine.async_engine import EngineDead, RequestStream
 from reprise.engine.request import RequestOutput
-from reprise.server.errors import APIError, sse_error
+from reprise.server.errors import APIError, log_failure, sse_error
 from reprise.server.protocol import CacheReport, Usage
 from reprise.server.serving import Job, Serving
 
@@ -37,14 +37,14 @@ def response_body(job: Job, outputs: list[RequestOutput]) -> dict:
     return body
 
 
-async def event_stream(serving: Serving, job: Job) -> AsyncIterator[str]:
+async def event_stream(serving: Serving, job: Job, streams: list[RequestStream]) -> AsyncIterator[str]:
     """The SSE body of a streaming request. Engine failures become one error event, then [DONE]."""
     final: dict[int, RequestOutput] = {}
     try:
         if job.chat:
             for index in range(len(job.prompts)):
                 yield _chunk(job, [_choice(job, index, "", None, role=True)])
-        async for index, output in serving.stream(job):
+        async for index, output in serving.stream(job, streams):
             if output.finished:
                 final[index] = output
                 yield _finish_chunk(job, index, output, final)
@@ -53,7 +53,10 @@ async def event_stream(serving: Serving, job: Job) -> AsyncIterator[str]:
         if job.include_usage:
             yield _chunk(job, [], **_extras(job, final, usage=True))
     except Exception as error:          # noqa: BLE001 - headers are sent: report in the stream, then end it
-        log.error("stream %s failed: %s", job.id, error, exc_info=not isinstance(error, (APIError, EngineDead)))
+        if isinstance(error, (APIError, EngineDead)):       # our own messages: they quote no input
+            log.error("stream %s failed: %s", job.id, error)
+        else:
+            log_failure(f"stream {job.id} failed", error, serving.config.log_prompts)
         yield sse_error(error if isinstance(error, APIError) else APIError(503, f"generation failed: {error}"))
     yield DONE
 

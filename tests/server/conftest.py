@@ -1,15 +1,11 @@
-"""Server fixtures: ONE real `reprise serve` process per run (default model, float32, 128MiB of KV,
-an API key), and clients for it. Prompts come from `fresh_prompt`, whose first token no other
-prompt of the run starts with, so the shared cache holds none of it until the test sends it.
+"""Server fixtures: ONE shared real `reprise serve` process per run (default model, float32, 128MiB of
+KV, an API key), and clients for it; tests that need other flags start their own with
+`helpers.launch`. Prompts come from `fresh_prompt`, whose first token no other prompt of the run
+starts with, so the shared cache holds none of it until the test sends it.
 """
 from __future__ import annotations
 
 import random
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from dataclasses import dataclass
 
 import httpx
@@ -17,11 +13,11 @@ import openai
 import pytest
 
 from reprise.loader import load_model
+from tests.server.helpers import launch
 
 API_KEY = "test-key-7f3a"
 KV_CACHE_BYTES = 128 * 2**20
 BLOCK_SIZE = 16
-START_TIMEOUT_S = 120
 
 
 @dataclass(frozen=True)
@@ -29,27 +25,6 @@ class Server:
     url: str                  # http://127.0.0.1:PORT
     num_blocks: int           # the KV pool, computed from the model config: what the server must report
     max_model_len: int
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(process: subprocess.Popen, url: str, log) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"reprise serve exited with {process.returncode}:\n{log.read()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"reprise serve was not healthy after {START_TIMEOUT_S} s")
 
 
 @pytest.fixture(scope="session")
@@ -60,24 +35,12 @@ def default_model():
 
 @pytest.fixture(scope="session")
 def server(default_model) -> Server:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "reprise.cli", "serve", "--port", str(port), "--dtype", "float32",
-               "--kv-cache-bytes", str(KV_CACHE_BYTES), "--block-size", str(BLOCK_SIZE), "--api-key", API_KEY]
-    with tempfile.TemporaryFile("w+") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
-        try:
-            _wait_healthy(process, url, log)
-            config = default_model.config
-            block_bytes = 2 * config.num_hidden_layers * BLOCK_SIZE * config.num_key_value_heads * config.head_dim * 4
-            yield Server(url, KV_CACHE_BYTES // block_bytes, config.max_position_embeddings)
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    flags = ["--dtype", "float32", "--kv-cache-bytes", str(KV_CACHE_BYTES), "--block-size", str(BLOCK_SIZE),
+             "--api-key", API_KEY]
+    with launch(flags) as running:
+        config = default_model.config
+        block_bytes = 2 * config.num_hidden_layers * BLOCK_SIZE * config.num_key_value_heads * config.head_dim * 4
+        yield Server(running.url, KV_CACHE_BYTES // block_bytes, config.max_position_embeddings)
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,81 @@
-"""Reading /metrics in server tests."""
+"""Starting `reprise serve` processes and reading /metrics in server tests."""
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
+import pytest
+
+START_TIMEOUT_S = 120
+STOP_TIMEOUT_S = 20
+
+
+@dataclass(frozen=True)
+class Running:
+    url: str                    # http://127.0.0.1:PORT
+    process: subprocess.Popen
+    log_path: Path              # the server's stdout and stderr
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def launch(flags: list[str]) -> Iterator[Running]:
+    """`reprise serve FLAGS` on a free 127.0.0.1 port, healthy on entry, stopped on exit."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "reprise.cli", "serve", "--port", str(port), *flags]
+    with tempfile.TemporaryDirectory() as directory:
+        log_path = Path(directory) / "serve.log"
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+        running = Running(url, process, log_path)
+        try:
+            _wait_healthy(running)
+            yield running
+        finally:
+            stop(process)
+
+
+def stop(process: subprocess.Popen) -> int:
+    """SIGTERM, then SIGKILL if it does not exit in time; returns the exit status."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        return process.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(running: Running) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if running.process.poll() is not None:
+            pytest.fail(f"reprise serve exited with {running.process.returncode}:\n{running.log()[-4000:]}")
+        try:
+            if httpx.get(f"{running.url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"reprise serve was not healthy after {START_TIMEOUT_S} s")
 
 
 def metric(http: httpx.Client, name: str, **labels: str) -> float:
