@@ -6,7 +6,7 @@
 set -euo pipefail
 OUT=${1:-bench-results}
 mkdir -p "$OUT"
-REPRISE=.venv/bin/reprise
+REPRISE=(.venv/bin/python -m reprise.cli)   # this checkout's reprise, whatever is installed
 GGUF=$(.venv/bin/python -c 'from reprise.loader import default_model_path; print(default_model_path())')
 PORT=8199
 BENCH_FLAGS=(--scenario all --request-timeout 900)
@@ -25,13 +25,13 @@ measure() {      # label, then the server command
     "$@" >"$OUT/$label.log" 2>&1 &
     local pid=$!
     wait_ready "$pid" "$label"
-    "$REPRISE" bench serve --base-url "http://127.0.0.1:$PORT" --label "$label" "${BENCH_FLAGS[@]}" \
+    "${REPRISE[@]}" bench serve --base-url "http://127.0.0.1:$PORT" --label "$label" "${BENCH_FLAGS[@]}" \
         --out "$OUT/$label.json" --plot "$OUT/$label.png"
     kill -TERM "$pid"; wait "$pid" || true
 }
 
-measure reprise "$REPRISE" serve --port $PORT
-measure reprise-no-cache "$REPRISE" serve --port $PORT --no-prefix-cache
+measure reprise "${REPRISE[@]}" serve --port $PORT
+measure reprise-no-cache "${REPRISE[@]}" serve --port $PORT --no-prefix-cache
 if [ -n "${LLAMACPP_PY:-}" ]; then
     measure llama.cpp "$LLAMACPP_PY" bench/peers/llamacpp_server.py --model "$GGUF" --host 127.0.0.1 --port $PORT \
         --n_ctx 8192 --n_threads 2 --interrupt_requests False
@@ -41,4 +41,4 @@ if [ -n "${VLLM_PY:-}" ]; then
         --model "$VLLM_MODEL" --served-model-name SmolLM2-135M-Instruct --host 127.0.0.1 --port $PORT \
         --dtype bfloat16 --max-model-len 8192 --enable-prefix-caching --enable-prompt-tokens-details
 fi
-"$REPRISE" bench compare "$OUT"/*.json --out "$OUT/table.md" --plot "$OUT/comparison.png"
+"${REPRISE[@]}" bench compare "$OUT"/*.json --out "$OUT/table.md" --plot "$OUT/comparison.png"
