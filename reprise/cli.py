@@ -6,6 +6,7 @@ import dataclasses
 import sys
 
 from reprise.config import EngineConfig, parse_bytes
+from reprise.engine.speculative import SPECULATIVE_METHODS
 
 
 def _engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +24,11 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-interval", type=int, default=1024,
                         help="hybrid models: tokens between recurrent-state checkpoints in the prefix cache")
+    parser.add_argument("--speculative", default=None, choices=SPECULATIVE_METHODS,
+                        help="speculative decoding: ngram drafts tokens by prompt lookup (off by default)")
+    parser.add_argument("--spec-tokens", type=int, default=4, help="speculative: draft tokens per step at most")
+    parser.add_argument("--spec-ngram-max", type=int, default=3, help="speculative: longest n-gram looked up")
+    parser.add_argument("--spec-ngram-min", type=int, default=1, help="speculative: shortest n-gram looked up")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -30,7 +36,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         block_size=args.block_size, prefix_cache=not args.no_prefix_cache,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         max_model_len=args.max_model_len, seed=args.seed,
-                        checkpoint_interval=args.checkpoint_interval)
+                        checkpoint_interval=args.checkpoint_interval, speculative=args.speculative,
+                        spec_tokens=args.spec_tokens, spec_ngram_max=args.spec_ngram_max,
+                        spec_ngram_min=args.spec_ngram_min)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -46,3 +46,7 @@ class EngineConfig:
     max_model_len: int | None = None         # None = the model's context length
     seed: int = 0
     checkpoint_interval: int = 1024          # hybrid models: tokens between recurrent-state checkpoints
+    speculative: str | None = None           # "ngram" = prompt-lookup speculative decoding; None = off
+    spec_tokens: int = 4                     # draft tokens verified per step at most
+    spec_ngram_max: int = 3                  # longest suffix looked up earlier in the sequence
+    spec_ngram_min: int = 1                  # shortest one tried before giving up on drafting

@@ -1,4 +1,4 @@
-"""`reprise bench decode|prefix`: in-process benchmarks that print a table and write JSON;
+"""`reprise bench decode|prefix|spec`: in-process benchmarks that print a table and write JSON;
 `reprise bench serve`: the same questions asked over HTTP of any OpenAI-compatible server;
 `reprise bench compare`: serve results side by side."""
 from __future__ import annotations
@@ -8,16 +8,18 @@ import argparse
 
 def add_bench_parser(commands, engine_flags) -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks: decode (throughput), prefix (cache TTFT), "
-                                   "serve (any OpenAI-compatible server), compare (serve results)")
-    bench.add_argument("what", choices=["decode", "prefix", "serve", "compare", "soak"])
+                                   "spec (speculative decoding), serve (any OpenAI-compatible server), "
+                                   "compare (serve results)")
+    bench.add_argument("what", choices=["decode", "prefix", "spec", "serve", "compare", "soak"])
     engine_flags(bench)
     bench.add_argument("--prompt-tokens", type=int, default=2000, help="decode: prefill prompt length")
     bench.add_argument("--batch-sizes", default="1,8", help="decode: concurrent streams to measure")
-    bench.add_argument("--decode-tokens", type=int, default=128, help="decode: tokens generated per stream")
+    bench.add_argument("--decode-tokens", type=int, default=128,
+                       help="decode: tokens generated per stream; spec: per answer at most")
     bench.add_argument("--lengths", default="2000,4000,8000", help="prefix: prompt lengths in tokens")
     bench.add_argument("--output-tokens", type=int, default=32, help="prefix: tokens generated per request")
     bench.add_argument("--repeats", type=int, default=3,
-                       help="prefix, serve repeat/nearest: hot runs per case (median reported)")
+                       help="prefix, spec, serve repeat/nearest: runs per case (median reported)")
     bench.add_argument("--out", default=None, help="write the results as JSON here (compare: markdown)")
     bench.add_argument("--plot", default=None, help="prefix, serve, compare: write a PNG chart here")
     bench.add_argument("inputs", nargs="*", help="compare: result files of bench serve")
@@ -45,6 +47,9 @@ def run_bench(args: argparse.Namespace, llm_kwargs: dict) -> int:
         from reprise.bench.decode import run_decode
         result = run_decode(llm_kwargs, args.prompt_tokens, [int(b) for b in args.batch_sizes.split(",")],
                             args.decode_tokens)
+    elif args.what == "spec":
+        from reprise.bench.spec import run_spec
+        result = run_spec(llm_kwargs, args.decode_tokens, args.repeats)
     else:
         from reprise.bench.prefix import plot_prefix, run_prefix
         result = run_prefix(llm_kwargs, [int(n) for n in args.lengths.split(",")], args.output_tokens, args.repeats)

@@ -42,7 +42,7 @@ def measure_decode(llm: LLM, batch_size: int, num_tokens: int, rng: random.Rando
                 if len(started) == batch_size:
                     decode_start = time.perf_counter()
             elif decode_start is not None:
-                generated += 1
+                generated += len(output.delta_token_ids)
     return generated / (time.perf_counter() - decode_start)
 
 

@@ -1,7 +1,8 @@
 """CacheManager: all the scheduler sees of KV memory and the prefix cache.
 
 One request's life: `match` (dry run, no side effects) -> `acquire` (share the matched blocks,
-copy the partial one) -> `allocate` as it grows -> `commit` full blocks while it runs ->
+copy the partial one) -> `allocate` as it grows (`truncate` gives back blocks allocated ahead
+for rejected speculative drafts) -> `commit` full blocks while it runs ->
 `release` on finish, abort or preemption (its computed tokens enter the index, its blocks are
 freed; the ones the index adopted survive through the index's reference).
 
@@ -182,6 +183,18 @@ class CacheManager:
         seq.block_table.extend(fresh)
         self._hold(fresh)
         return True
+
+    def truncate(self, seq: SeqCache, num_tokens: int) -> None:
+        """Shrink `seq.block_table` to the blocks covering positions 0..num_tokens-1, freeing the
+        rest: blocks allocated ahead for speculative positions whose drafts were rejected. Never
+        below what is committed, so no block the index shares with others leaves here."""
+        self._require_live(seq)
+        if num_tokens < seq.num_committed:
+            raise ValueError(f"cannot truncate to {num_tokens} tokens: {seq.num_committed} are committed")
+        num_kept = -(-num_tokens // self.block_size)
+        dropped = seq.block_table[num_kept:]
+        del seq.block_table[num_kept:]
+        self._drop_table(dropped)
 
     # ---- while running and at the end ---------------------------------------------------
 

@@ -14,6 +14,7 @@ from reprise.engine.detokenize import IncrementalDetokenizer
 from reprise.engine.request import FinishReason, Request, RequestOutput, RequestStatus, SamplingParams
 from reprise.engine.runner import ModelRunner, default_dtype, kv_bytes_per_block, state_bytes_per_slot
 from reprise.engine.scheduler import Scheduler
+from reprise.engine.speculative import SPECULATIVE_METHODS, NgramDrafter
 from reprise.loader import load_model
 from reprise.models import build_model
 from reprise.models.layers.gated_delta import RECURRENT_CHUNK
@@ -33,6 +34,8 @@ class EngineStats:
     num_waiting: int
     num_preemptions: int
     cache: CacheStats
+    num_draft_tokens: int = 0        # speculative decoding: tokens proposed and verified
+    num_accepted_tokens: int = 0     # of those, the ones the model agreed with
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -78,8 +81,10 @@ class Engine:
                                   layout=layout, num_state_slots=num_state_slots)
         grid = math.lcm(self.block_size, RECURRENT_CHUNK) if layout.has_recurrent else self.block_size
         interval = -(-config.checkpoint_interval // grid) * grid       # rounded up onto the chunk grid
+        self.drafter = self._drafter(layout)
         self.scheduler = Scheduler(self.cache, self.block_size, config.max_num_seqs, config.max_num_batched_tokens,
-                                   chunk_grid=grid, checkpoint_interval=interval)
+                                   chunk_grid=grid, checkpoint_interval=interval, drafter=self.drafter,
+                                   max_model_len=self.max_model_len)
         self.runner = ModelRunner(model, self.model_config, self.num_blocks, self.block_size, self.max_model_len,
                                   self.device, self.dtype, config.seed, num_state_slots)
         self._requests: dict[str, Request] = {}
@@ -92,6 +97,22 @@ class Engine:
         if not layout.has_recurrent:
             return 0
         return max(self.kv_cache_bytes // STATE_FRACTION // self.state_slot_bytes, self.config.max_num_seqs + 2)
+
+    def _drafter(self, layout) -> NgramDrafter | None:
+        """The drafter --speculative asks for; None when off, or (said once, in the log) when a
+        recurrent layer's state could not roll back rejected drafts: then every request decodes plainly."""
+        config = self.config
+        if config.speculative is None:
+            return None
+        if config.speculative not in SPECULATIVE_METHODS:
+            raise ValueError(f"unknown --speculative {config.speculative!r} "
+                             f"(use one of {', '.join(SPECULATIVE_METHODS)})")
+        drafter = NgramDrafter(config.spec_tokens, config.spec_ngram_max, config.spec_ngram_min)
+        if layout.has_recurrent:
+            log.warning("speculative decoding is off: %s has recurrent layers, whose state cannot roll back "
+                        "rejected draft tokens; every request decodes one token per step", self.model_path)
+            return None
+        return drafter
 
     @property
     def pool_tokens(self) -> int:
@@ -135,33 +156,41 @@ class Engine:
         if plan.empty:
             return []
         sampled = self.runner.execute(plan)
-        outputs = []
-        for request in self.scheduler.update(plan, sampled):
-            outputs.append(self._advance(request))
-        return outputs
+        return [self._advance(request, num_new) for request, num_new in self.scheduler.update(plan, sampled)]
 
-    def _advance(self, request: Request) -> RequestOutput:
-        token = request.output_ids[-1]
-        params = request.params
+    def _advance(self, request: Request, num_new: int) -> RequestOutput:
+        """Puts the request's `num_new` newest tokens through the stop checks one by one, as if each
+        came from its own step; the first that stops ends the request and drops the ones after it."""
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
-        detokenizer = self._detokenizers[request.request_id]
-        reason = None
-        delta = ""
-        if (token in self.tokenizer.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
-            reason = FinishReason.STOP
-        else:
-            delta = detokenizer.push(token)
-            if detokenizer.stopped:
-                reason = FinishReason.STOP
-        if reason is None and params.max_tokens is not None and len(request.output_ids) >= params.max_tokens:
-            reason = FinishReason.LENGTH
-        if reason is None and request.num_tokens >= self.max_model_len:
-            reason = FinishReason.LENGTH
+        first = len(request.output_ids) - num_new
+        delta, reason, num_output = "", None, first
+        while reason is None and num_output < len(request.output_ids):
+            num_output += 1
+            piece, reason = self._check(request, request.output_ids[num_output - 1], num_output)
+            delta += piece
+        new_ids = request.output_ids[first:num_output]
         if reason is not None:
-            delta += detokenizer.flush()
+            self.scheduler.truncate_output(request, num_output)
+            delta += self._detokenizers[request.request_id].flush()
             self.scheduler.finish(request, reason)
-        return self._emit(request, delta, [token])
+        return self._emit(request, delta, new_ids)
+
+    def _check(self, request: Request, token: int, num_output: int) -> tuple[str, FinishReason | None]:
+        """The `num_output`-th output token through the stop conditions: (its final text, the
+        reason it ends the request or None)."""
+        params = request.params
+        if (token in self.tokenizer.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            return "", FinishReason.STOP
+        detokenizer = self._detokenizers[request.request_id]
+        delta = detokenizer.push(token)
+        if detokenizer.stopped:
+            return delta, FinishReason.STOP
+        if params.max_tokens is not None and num_output >= params.max_tokens:
+            return delta, FinishReason.LENGTH
+        if len(request.prompt_ids) + num_output >= self.max_model_len:
+            return delta, FinishReason.LENGTH
+        return delta, None
 
     def _emit(self, request: Request, delta: str, delta_ids: list[int]) -> RequestOutput:
         finished = request.status is RequestStatus.FINISHED
@@ -177,5 +206,6 @@ class Engine:
             request.cached_tokens or 0, request.finish_reason, request.miss, request.diverged_at, metrics)
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting),
-                           self.scheduler.num_preemptions, self.cache.stats)
+        scheduler = self.scheduler
+        return EngineStats(len(scheduler.running), len(scheduler.waiting), scheduler.num_preemptions,
+                           self.cache.stats, scheduler.num_draft_tokens, scheduler.num_accepted_tokens)

@@ -23,6 +23,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    speculative: bool = True                 # False = never draft for this request (when the engine speculates)
 
     def __post_init__(self):
         if self.temperature < 0:

@@ -24,8 +24,21 @@ class ScheduledChunk:
 
 
 @dataclass(frozen=True)
+class Verify:
+    """Speculative decoding: the request's last token plus drafted tokens, run as one chunk with
+    logits at every position, so the sampler can check each draft against the model's own choice."""
+
+    request: Request            # a decoding request: num_computed == num_tokens - 1
+    draft_ids: tuple[int, ...]  # guessed continuation of request.all_ids (at least one token)
+
+    @property
+    def num_tokens(self) -> int:
+        return 1 + len(self.draft_ids)
+
+
+@dataclass(frozen=True)
 class StepPlan:
-    """One engine step: prefill chunks, then decodes (one token each).
+    """One engine step: prefill chunks, verifies (chunks too), then decodes (one token each).
 
     Before the forward: block copies, then state copies (a checkpoint restored into a working slot);
     a prefill chunk starting at position 0 has its slot's states zeroed. After the forward: state
@@ -37,10 +50,11 @@ class StepPlan:
     copies: tuple[tuple[int, int], ...]          # (src, dst) block copies for partial-block matches
     state_copies: tuple[tuple[int, int], ...] = ()
     state_snapshots: tuple[tuple[int, int], ...] = ()
+    verifies: tuple[Verify, ...] = ()            # attention-only models: recurrent state cannot roll back
 
     @property
     def empty(self) -> bool:
-        return not self.prefills and not self.decodes
+        return not self.prefills and not self.decodes and not self.verifies
 
 
 def cpu_has_bf16() -> bool:
@@ -109,14 +123,17 @@ class ModelRunner:
                 num_attention += 1
         return caches
 
-    def execute(self, plan: StepPlan) -> list[int]:
-        """Runs one step; returns the sampled token of each chunk that samples, then of each decode."""
+    def execute(self, plan: StepPlan) -> list[list[int]]:
+        """Runs one step; returns the new tokens of each chunk that samples, then of each verify
+        (1 to len(draft_ids) + 1 tokens), then of each decode (one token each)."""
         logits, sampling = self.forward(plan)
-        return self.sampler.sample(logits, [r.request_id for r in sampling], [r.params for r in sampling])
+        return self.sampler.sample(logits, [r.request_id for r, _ in sampling], [r.params for r, _ in sampling],
+                                   [draft_ids for _, draft_ids in sampling])
 
     @torch.inference_mode()
-    def forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[Request]]:
-        """Float32 logits [num_sampling, vocab] and the requests they belong to, in plan order."""
+    def forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[tuple[Request, tuple[int, ...]]]]:
+        """Float32 logits, one row per sampling position, and (request, draft_ids) of the requests
+        they belong to, in plan order: a verify has 1 + len(draft_ids) rows, the others one."""
         self._copy_blocks(plan.copies)
         self._copy_states(plan.state_copies)
         self._reset_states(plan)
@@ -156,29 +173,37 @@ class ModelRunner:
             positions.append(torch.arange(start, start + item.num_tokens))
             if item.samples:
                 logits_indices.append(len(ids) - 1)
-                sampling.append(request)
-        num_prefill = len(ids)
+                sampling.append((request, ()))
+        for verify in plan.verifies:
+            request, start = verify.request, verify.request.num_computed
+            ids.extend([request.all_ids[-1], *verify.draft_ids])
+            positions.append(torch.arange(start, start + verify.num_tokens))
+            logits_indices.extend(range(len(ids) - verify.num_tokens, len(ids)))
+            sampling.append((request, verify.draft_ids))
+        num_chunked = len(ids)
         for request in plan.decodes:
             ids.append(request.all_ids[-1])
             positions.append(torch.tensor([request.num_tokens - 1]))
             logits_indices.append(len(ids) - 1)
-            sampling.append(request)
+            sampling.append((request, ()))
         pos = torch.cat(positions)
-        batch = self._batch(plan, num_prefill)
+        batch = self._batch(plan, num_chunked)
         to = dict(device=self.device)
         return (torch.tensor(ids, **to), pos.to(self.device), batch,
                 torch.tensor(logits_indices, dtype=torch.long, **to), sampling)
 
-    def _batch(self, plan: StepPlan, num_prefill: int) -> ForwardBatch:
+    def _batch(self, plan: StepPlan, num_chunked: int) -> ForwardBatch:
         full = sliding = recurrent = None
         if self.kinds - {LayerKind.RECURRENT}:
             slots = self._slots(plan).to(self.device)
             if LayerKind.FULL in self.kinds or self.window is None:
-                full = self._attention_batch(plan, slots, num_prefill, None)
+                full = self._attention_batch(plan, slots, num_chunked, None)
             if LayerKind.SLIDING in self.kinds:
-                sliding = full if self.window is None else self._attention_batch(plan, slots, num_prefill, self.window)
+                sliding = full if self.window is None else self._attention_batch(plan, slots, num_chunked, self.window)
         if LayerKind.RECURRENT in self.kinds:
-            recurrent = self._recurrent_batch(plan, num_prefill)
+            if plan.verifies:
+                raise ValueError("a recurrent layer cannot roll back the state of rejected draft tokens")
+            recurrent = self._recurrent_batch(plan, num_chunked)
         return ForwardBatch(full, sliding, recurrent)
 
     def _slots(self, plan: StepPlan) -> torch.Tensor:
@@ -191,17 +216,21 @@ class ModelRunner:
     @staticmethod
     def _rows(plan: StepPlan):
         """(request, first position, tokens) of each sequence in the step, in batch order."""
-        rows = [(item.request, item.request.num_computed, item.num_tokens) for item in plan.prefills]
-        return rows + [(request, request.num_tokens - 1, 1) for request in plan.decodes]
+        return ModelRunner._chunks(plan) + [(request, request.num_tokens - 1, 1) for request in plan.decodes]
 
-    def _attention_batch(self, plan: StepPlan, slots: torch.Tensor, num_prefill: int,
+    @staticmethod
+    def _chunks(plan: StepPlan):
+        """(request, first position, tokens) of the prefill chunks, then of the verifies: the rows
+        that attend as a chunk (causally within themselves, to all keys before them)."""
+        return [(item.request, item.request.num_computed, item.num_tokens) for item in (*plan.prefills, *plan.verifies)]
+
+    def _attention_batch(self, plan: StepPlan, slots: torch.Tensor, num_chunked: int,
                          window: int | None) -> AttentionBatch:
         chunks, q_start = [], 0
-        for item in plan.prefills:
-            start = item.request.num_computed
-            chunks.append(self._prefill_chunk(item.request, start, start + item.num_tokens, q_start, window))
-            q_start += item.num_tokens
-        decode = self._decode_batch(plan.decodes, num_prefill, window) if plan.decodes else None
+        for request, start, num_tokens in self._chunks(plan):
+            chunks.append(self._prefill_chunk(request, start, start + num_tokens, q_start, window))
+            q_start += num_tokens
+        decode = self._decode_batch(plan.decodes, num_chunked, window) if plan.decodes else None
         return AttentionBatch(slots, tuple(chunks), decode)
 
     def _window_blocks(self, request: Request, position: int, end: int, window: int | None) -> tuple[int, list[int]]:

@@ -9,6 +9,12 @@ recurrence's own chunk), stop every chunk at each `checkpoint_interval` multiple
 last token (which then runs as a decode, as it does after an exact cache hit), and snapshot the
 state where a chunk stops. So a cold run takes the same steps, in the same arithmetic, as a run
 resumed from any of its checkpoints.
+
+With a drafter (speculative decoding), a decoding request whose drafter guesses its next tokens
+runs as a verify instead: its last token plus the drafts, paid from what is left of the budget
+after the running requests' chunks, in blocks allocated after everyone else's (so drafting never
+preempts). `update` advances it past the accepted tokens only and gives back the blocks that held
+just rejected positions; their KV lies past num_computed, so it is overwritten, never matched.
 """
 from __future__ import annotations
 
@@ -16,12 +22,14 @@ from collections import deque
 
 from reprise.cache.manager import CacheManager
 from reprise.engine.request import FinishReason, Request, RequestStatus
-from reprise.engine.runner import ScheduledChunk, StepPlan
+from reprise.engine.runner import ScheduledChunk, StepPlan, Verify
+from reprise.engine.speculative import NgramDrafter
 
 
 class Scheduler:
     def __init__(self, cache: CacheManager, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 chunk_grid: int | None = None, checkpoint_interval: int | None = None):
+                 chunk_grid: int | None = None, checkpoint_interval: int | None = None,
+                 drafter: NgramDrafter | None = None, max_model_len: int | None = None):
         self.cache = cache
         self.block_size = block_size
         self.chunk_grid = chunk_grid or block_size
@@ -33,6 +41,10 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.drafter = drafter
+        self.max_model_len = max_model_len
+        self.num_draft_tokens = 0       # proposed and verified
+        self.num_accepted_tokens = 0    # drafts the model agreed with
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -51,12 +63,13 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING or request.request_id in scheduled:
                 continue
             budget = self._schedule_one(request, budget, prefills, decodes, scheduled)
+        decodes, verifies, budget = self._speculate(decodes, budget)
         copies = self._admit(budget, prefills, decodes)
         restores = tuple((r.cache.restore_from, r.cache.state_slot)
                          for r in [item.request for item in prefills] + decodes if r.cache.restore_from is not None)
         snapshots = tuple((item.request.cache.state_slot, item.checkpoint)
                           for item in prefills if item.checkpoint is not None)
-        return StepPlan(tuple(prefills), tuple(decodes), tuple(copies), restores, snapshots)
+        return StepPlan(tuple(prefills), tuple(decodes), tuple(copies), restores, snapshots, tuple(verifies))
 
     def _schedule_one(self, request: Request, budget: int, prefills, decodes, scheduled) -> int:
         """Plans one running request's tokens, preempting later requests if blocks run short."""
@@ -75,6 +88,33 @@ class Scheduler:
             return budget
         prefills.append(self._chunk(request, num_tokens))
         return budget - num_tokens
+
+    def _speculate(self, decodes: list[Request], budget: int) -> tuple[list[Request], list[Verify], int]:
+        """Turns decodes into verifies where the drafter guesses tokens that fit the budget and the
+        pool. Runs once every running request holds its blocks for this step: it never preempts."""
+        if self.drafter is None:
+            return decodes, [], budget
+        plain, verifies = [], []
+        for request in decodes:
+            draft_ids = self._draft(request, budget)
+            if draft_ids and self.cache.allocate(request.cache, request.num_tokens + len(draft_ids)):
+                verifies.append(Verify(request, draft_ids))
+                budget -= len(draft_ids)
+            else:
+                plain.append(request)
+        return plain, verifies, budget
+
+    def _draft(self, request: Request, budget: int) -> tuple[int, ...]:
+        """Drafts within the budget, max_tokens and the context: a verify of d drafts yields at
+        most d + 1 tokens, and its last position (num_tokens - 1 + d) must stay a fed one."""
+        if not request.params.speculative:
+            return ()
+        room = budget
+        if request.params.max_tokens is not None:
+            room = min(room, request.params.max_tokens - len(request.output_ids) - 1)
+        if self.max_model_len is not None:
+            room = min(room, self.max_model_len - request.num_tokens - 1)
+        return self.drafter.propose(request.all_ids, room)
 
     def _chunk_size(self, request: Request, budget: int) -> int:
         """All that is left (up to the next checkpoint stop) if it fits; else up to a grid line."""
@@ -168,24 +208,45 @@ class Scheduler:
                 return True
         return False
 
-    def update(self, plan: StepPlan, sampled: list[int]) -> list[Request]:
-        """Applies a step's results; returns the requests that got a new token."""
-        tokens = iter(sampled)
+    def update(self, plan: StepPlan, sampled: list[list[int]]) -> list[tuple[Request, int]]:
+        """Applies a step's results (new tokens per sampling request, in plan order); returns the
+        requests that got new tokens, with how many: one, or for a verify its accepted drafts + 1."""
+        results = iter(sampled)
         advanced = []
         for item in plan.prefills:
             request = item.request
             self.cache.restored(request.cache)
             request.num_computed += item.num_tokens
             if item.samples:
-                request.output_ids.append(next(tokens))
-                advanced.append(request)
+                request.output_ids.extend(next(results))
+                advanced.append((request, 1))
             self.cache.commit(request.cache, request.all_ids[:request.num_computed], item.checkpoint)
+        for verify in plan.verifies:
+            advanced.append((verify.request, self._verified(verify, next(results))))
         for request in plan.decodes:
             self.cache.restored(request.cache)
             request.num_computed += 1
-            request.output_ids.append(next(tokens))
-            advanced.append(request)
+            request.output_ids.extend(next(results))
+            advanced.append((request, 1))
         return advanced
+
+    def _verified(self, verify: Verify, new_ids: list[int]) -> int:
+        """Rolls a verify forward over its accepted drafts only: the last token and the accepted
+        drafts now have KV (num_computed), the rejected positions after them do not, and the blocks
+        that covered only those go back. Returns the number of new tokens."""
+        request = verify.request
+        request.num_computed += len(new_ids)
+        request.output_ids.extend(new_ids)
+        self.cache.truncate(request.cache, request.num_tokens)
+        self.num_draft_tokens += len(verify.draft_ids)
+        self.num_accepted_tokens += len(new_ids) - 1
+        return len(new_ids)
+
+    def truncate_output(self, request: Request, num_output: int) -> None:
+        """Keeps the first `num_output` output tokens (a stop condition fell inside a verified run);
+        the dropped ones no longer count as computed, so they never enter the prefix cache."""
+        del request.output_ids[num_output:]
+        request.num_computed = min(request.num_computed, request.num_tokens - 1)
 
     def finish(self, request: Request, reason: FinishReason) -> None:
         """Ends a request, running or waiting; what it computed goes into the prefix cache."""

@@ -52,6 +52,11 @@ class EngineCollector:
         yield blocks
         yield CounterMetricFamily("reprise:num_preemptions", "Running requests preempted to free KV blocks.",
                                   value=stats.num_preemptions)
+        yield CounterMetricFamily("reprise:spec_decode_draft_tokens", "Speculative draft tokens proposed and verified.",
+                                  value=stats.num_draft_tokens)
+        yield CounterMetricFamily("reprise:spec_decode_accepted_tokens",
+                                  "Speculative draft tokens the model agreed with (accepted).",
+                                  value=stats.num_accepted_tokens)
         yield GaugeMetricFamily("reprise:num_requests_running", "Requests in the running batch.",
                                 value=stats.num_running)
         yield GaugeMetricFamily("reprise:num_requests_waiting", "Requests waiting to be admitted.",

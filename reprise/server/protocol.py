@@ -3,7 +3,7 @@
 Unknown fields are ignored, as OpenAI's servers do. Requests turn into engine terms here:
 `sampling_params()` builds SamplingParams, `unsupported()` names a field reprise refuses.
 Extensions: `top_k`, `ignore_eos`, `stop_token_ids`, `cache_salt`, `cache_report`,
-`chat_template_kwargs`.
+`chat_template_kwargs`, `speculative` (false opts a request out of speculative decoding).
 """
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ class GenerationRequest(_Body):
     stream_options: StreamOptions | None = None
     cache_salt: str | None = None
     cache_report: bool | None = None
+    speculative: bool | None = None            # false = no speculative decoding for this request
 
     @property
     def include_usage(self) -> bool:
@@ -83,7 +84,7 @@ class GenerationRequest(_Body):
             return SamplingParams(
                 temperature=_temperature(self.temperature), top_p=_or(self.top_p, 1.0), top_k=max(self.top_k or 0, 0),
                 max_tokens=max_tokens, stop=self.stop, stop_token_ids=tuple(self.stop_token_ids or ()),
-                seed=self.seed, ignore_eos=bool(self.ignore_eos))
+                seed=self.seed, ignore_eos=bool(self.ignore_eos), speculative=self.speculative is not False)
         except ValueError as error:
             raise APIError(400, str(error)) from error
 

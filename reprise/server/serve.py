@@ -58,9 +58,12 @@ def banner(engine: Engine, model_name: str, server: ServerConfig) -> str:
     dtype = str(engine.dtype).removeprefix("torch.")
     keys = f", {len(server.api_keys)} API key(s)" if server.api_keys else ""
     salted = ", a cache namespace per key" if server.salt_per_key else ""
+    drafter = engine.drafter
+    speculative = (f", speculative decoding: ngram ({drafter.num_draft_tokens} draft tokens, n-grams "
+                   f"{drafter.ngram_max}..{drafter.ngram_min})") if drafter else ""
     lines = [
         f"reprise serving {model_name} ({engine.model_path})",
-        f"  dtype {dtype} on {engine.device}, context {engine.max_model_len} tokens",
+        f"  dtype {dtype} on {engine.device}, context {engine.max_model_len} tokens{speculative}",
         f"  KV pool {engine.num_blocks} blocks x {engine.block_size} tokens = {pool_tokens} tokens "
         f"({format_bytes(engine.kv_cache_bytes)})",
         f"  prefix cache {'on' if engine.config.prefix_cache else 'off'}{keys}{salted}",

@@ -210,3 +210,19 @@ def test_stats_count_recorded_requests_and_release_empties_the_seq(cache):
     assert seq.block_table == []
     with pytest.raises(ValueError):
         cache.release(seq, [])
+
+
+def test_truncate_frees_blocks_past_the_kept_tokens_never_committed_ones(cache):
+    prompt = list(range(1, 10))                     # 9 tokens: blocks 0, 1, 2
+    seq = start(cache, prompt)
+    cache.commit(seq, prompt)                       # blocks 0 and 1 (8 tokens) enter the index
+    assert cache.allocate(seq, 9 + 5)               # 5 speculative positions reach into block 3
+    assert seq.block_table == [0, 1, 2, 3]
+    cache.truncate(seq, 10)                         # 10 tokens need 3 blocks: the 4th held rejected KV only
+    assert seq.block_table == [0, 1, 2] and cache.stats.blocks_free == 13
+    with pytest.raises(ValueError):
+        cache.truncate(seq, 7)                      # below the 8 committed tokens
+    check_invariants(cache)
+    cache.release(seq, prompt + [10])
+    check_invariants(cache)
+    assert cache.stats.blocks_used == 0
