@@ -23,9 +23,27 @@ ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen3_5ForCausalLM": "qwen3_5",
     "Gemma3ForCausalLM": "gemma3",
+    # vision-language wrappers (every Qwen3.5 release, Gemma 3 4B and up): their text decoder is served
+    "Qwen3_5ForConditionalGeneration": "qwen3_5",
+    "Gemma3ForConditionalGeneration": "gemma3",
+}
+# What transformers' Gemma3TextConfig assumes for keys a config.json leaves out: Gemma 3 4B+ files were saved as
+# a diff against these, so their text_config lists only a few keys (hidden_size, num_hidden_layers, ...).
+_TEXT_DEFAULTS = {
+    "gemma3": dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131_072,
+                   sliding_window=4096, tie_word_embeddings=True),
 }
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 _SKIPPED = ("rotary_emb.inv_freq",)      # buffers some old checkpoints saved; recomputed by the model
+# A vision-language checkpoint's text decoder under the names of the text-only model. transformers 5 writes
+# model.language_model.*; older Gemma 3 files (and transformers' own save of Gemma 3) say language_model.model.*
+_RENAMED = (("model.language_model.", "model."), ("language_model.model.", "model."),
+            ("language_model.lm_head.", "lm_head."))
+# Vision towers, their projectors and Qwen3.5's multi-token-prediction head: reprise serves text only and
+# decodes one token per step, so these weights are left in the file.
+_UNUSED = ("model.visual.", "model.vision_tower.", "model.multi_modal_projector.", "vision_tower.",
+           "multi_modal_projector.", "mtp.")
 
 
 def _read_json(path: str) -> dict:
@@ -43,31 +61,32 @@ def hf_config(path: str) -> ModelConfig:
         raise LoadError(f"no config.json in model directory {path}")
     raw = _read_json(config_path)
     arch = _architecture(raw, path)
-    _check_supported_options(raw, arch, config_path)
+    text = _text_config(raw, arch)
+    _check_supported_options(text, arch, config_path)
     generation_path = os.path.join(path, "generation_config.json")
     generation = _read_json(generation_path) if os.path.isfile(generation_path) else {}
     try:
-        num_heads = raw["num_attention_heads"]
+        num_heads = text["num_attention_heads"]
         return ModelConfig(
             architecture=arch,
-            vocab_size=raw["vocab_size"],
-            hidden_size=raw["hidden_size"],
-            intermediate_size=raw["intermediate_size"],
-            num_hidden_layers=raw["num_hidden_layers"],
+            vocab_size=text["vocab_size"],
+            hidden_size=text["hidden_size"],
+            intermediate_size=text["intermediate_size"],
+            num_hidden_layers=text["num_hidden_layers"],
             num_attention_heads=num_heads,
-            num_key_value_heads=raw.get("num_key_value_heads") or num_heads,
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=raw.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            num_key_value_heads=text.get("num_key_value_heads") or num_heads,
+            head_dim=text.get("head_dim") or text["hidden_size"] // num_heads,
+            rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=text.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
             attention_bias=arch == "qwen2",
             qk_norm=arch == "qwen3",
-            sliding_window=raw.get("sliding_window") if arch in ("mistral", "gemma3") else None,
-            bos_token_id=next((i for i in (raw.get("bos_token_id"), generation.get("bos_token_id")) if i is not None),
-                              None),
-            eos_token_ids=_ids(raw.get("eos_token_id"), generation.get("eos_token_id")),
+            sliding_window=text.get("sliding_window") if arch in ("mistral", "gemma3") else None,
+            bos_token_id=next((i for i in (raw.get("bos_token_id"), text.get("bos_token_id"),
+                                            generation.get("bos_token_id")) if i is not None), None),
+            eos_token_ids=_ids(raw.get("eos_token_id"), text.get("eos_token_id"), generation.get("eos_token_id")),
             name=os.path.basename(os.path.normpath(path)),
-            **_family_fields(raw, arch),
+            **_family_fields(text, arch),
         )
     except KeyError as error:
         raise LoadError(f"{config_path} has no {error.args[0]!r}") from None
@@ -76,25 +95,26 @@ def hf_config(path: str) -> ModelConfig:
 def hf_weights(path: str, config: ModelConfig) -> Callable[[], Iterator[tuple[str, torch.Tensor]]]:
     """A function yielding (HF name, float32 tensor) from every safetensors file, one tensor at a time.
 
-    The files' headers are read now, so a missing or unreadable shard fails at load time.
-    `lm_head.weight` is skipped when the embeddings are tied.
+    The files' headers are read now, so a missing or unreadable shard fails at load time. A vision-language
+    checkpoint's text decoder comes under the text-only model's names (see `_text_weight_name`).
     """
     names = []
     for file in _safetensors_files(path):
         try:
             with safe_open(file, framework="pt") as handle:
-                names += [(file, key) for key in handle.keys()
-                          if not key.endswith(_SKIPPED) and not (config.tie_word_embeddings and key == "lm_head.weight")]
+                keys = list(handle.keys())
         except Exception as error:  # safetensors raises its own SafetensorError on a bad header
             raise LoadError(f"corrupt safetensors file {file}: {' '.join(str(error).split())}") from None
+        named = ((key, _text_weight_name(key, config.tie_word_embeddings)) for key in keys)
+        names += [(file, key, name) for key, name in named if name is not None]
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
         with ExitStack() as stack:
             handles = {}
-            for file, key in tqdm(names, desc="loading weights", unit="tensor"):
+            for file, key, name in tqdm(names, desc="loading weights", unit="tensor"):
                 if file not in handles:
                     handles[file] = stack.enter_context(safe_open(file, framework="pt"))
-                yield key, handles[file].get_tensor(key).float()
+                yield name, handles[file].get_tensor(key).float()
     return weights
 
 
@@ -117,6 +137,27 @@ def hf_tokenizer_parts(path: str) -> tuple[tokenizers.Tokenizer, dict[str, str],
     return backend, special_tokens, _chat_template(path, config)
 
 
+def _text_config(raw: dict, arch: str) -> dict:
+    """The text decoder's settings over the family's defaults: a vision-language config's `text_config`, else
+    the whole file. As in transformers, the wrapper's top level decides whether the embeddings are tied."""
+    defaults = _TEXT_DEFAULTS.get(arch, {})
+    text = {**defaults, **(raw.get("text_config") or raw)}
+    text["tie_word_embeddings"] = raw.get("tie_word_embeddings", defaults.get("tie_word_embeddings", False))
+    return text
+
+
+def _text_weight_name(key: str, tied: bool) -> str | None:
+    """The text-only model's name for a stored weight; None for one it does not use. Names it does not know
+    pass through, so the model rejects them."""
+    for old, new in _RENAMED:
+        if key.startswith(old):
+            key = new + key.removeprefix(old)
+            break
+    if key.startswith(_UNUSED) or key.endswith(_SKIPPED) or (tied and key == "lm_head.weight"):
+        return None
+    return key
+
+
 def _architecture(raw: dict, path: str) -> str:
     names = raw.get("architectures") or []
     if names and names[0] in ARCHITECTURES:
@@ -125,7 +166,7 @@ def _architecture(raw: dict, path: str) -> str:
         return raw["model_type"]
     found = names[0] if names else raw.get("model_type")
     raise LoadError(f"unsupported architecture {found!r} in {path} "
-                    f"(supported: {', '.join(ARCHITECTURES.values())})")
+                    f"(supported: {', '.join(dict.fromkeys(ARCHITECTURES.values()))})")
 
 
 def _check_supported_options(raw: dict, arch: str, config_path: str) -> None:
