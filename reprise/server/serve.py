@@ -2,7 +2,7 @@
 
 SIGTERM (or Ctrl-C) drains: uvicorn stops listening at once, so new connections are refused, and
 running requests, open streams included, finish within --shutdown-timeout seconds before the rest
-are cancelled. A SIGTERM drain then returns normally, so the process exits with status 0.
+are cancelled. The drain then returns normally, so the process exits with status 0.
 """
 from __future__ import annotations
 
@@ -21,35 +21,44 @@ from reprise.server.config import ServerConfig
 
 
 def serve(config: EngineConfig, server: ServerConfig = ServerConfig()) -> None:
-    """Blocks until the server stops (Ctrl-C or SIGTERM); the engine thread is shut down on the way out."""
+    """Blocks until the server stops (Ctrl-C or SIGTERM). The engine loop runs on this (the main)
+    thread, where PyTorch's OpenMP workers stay warm between steps; uvicorn runs on another."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     engine = Engine(config)
-    async_engine = AsyncEngine(engine)
+    async_engine = AsyncEngine(engine, start=False)
+    app = create_app(async_engine, server)
+    print(banner(engine, app.state.serving.model_name, server), file=sys.stderr, flush=True)
+    http = uvicorn.Server(uvicorn.Config(app, host=server.host, port=server.port, log_level="warning",
+                                         timeout_graceful_shutdown=server.shutdown_timeout))
+    thread = threading.Thread(target=_serve_http, args=(http, async_engine), name="reprise-http")
+    previous = {signum: signal.signal(signum, lambda *_: _stop(http)) for signum in (signal.SIGTERM, signal.SIGINT)}
+    thread.start()
     try:
-        app = create_app(async_engine, server)
-        print(banner(engine, app.state.serving.model_name, server), file=sys.stderr, flush=True)
-        _run_until_drained(uvicorn.Config(app, host=server.host, port=server.port, log_level="warning",
-                                          timeout_graceful_shutdown=server.shutdown_timeout))
+        async_engine.run()       # until the HTTP server has drained and stopped it
+        thread.join()            # the engine failed: /health answers 503 until the server is stopped
     finally:
-        async_engine.shutdown(timeout=10)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        http.should_exit = True
+        thread.join(timeout=server.shutdown_timeout + 5)
+    if not http.started:
+        raise SystemExit(f"reprise: error: could not serve on {server.host}:{server.port}")
 
 
-def _run_until_drained(config: uvicorn.Config) -> None:
-    """uvicorn drains on SIGTERM, then raises the signal again for the handler it found, which
-    would kill the process with it. The handler it finds here ends nothing: the drain was the
-    stop, and serve() returns."""
-    if threading.current_thread() is not threading.main_thread():
-        uvicorn.Server(config).run()
-        return
-    previous = signal.signal(signal.SIGTERM, _drained)
+def _serve_http(http: uvicorn.Server, async_engine: AsyncEngine) -> None:
+    """uvicorn's loop; when it returns (drained, or it could not start), the engine loop stops."""
     try:
-        uvicorn.Server(config).run()
+        http.run()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        async_engine.shutdown()
 
 
-def _drained(signum, frame) -> None:
-    """The SIGTERM that uvicorn raises again after its drain: nothing left to do."""
+def _stop(http: uvicorn.Server) -> None:
+    """SIGTERM or Ctrl-C: drain (stop listening, let running requests and streams finish within
+    --shutdown-timeout); a second one stops at once."""
+    if http.should_exit:
+        http.force_exit = True
+    http.should_exit = True
 
 
 def banner(engine: Engine, model_name: str, server: ServerConfig) -> str:
