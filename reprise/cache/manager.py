@@ -161,8 +161,10 @@ class CacheManager:
             seq.restore_from = match.checkpoint
         if self.recurrent:
             seq.state_slot = self._allocate_slot()
-        fresh = self._allocate_blocks(1) if match.partial is not None else []
-        if fresh is None or (self.recurrent and seq.state_slot is None):
+        fresh = None
+        if seq.state_slot is not None or not self.recurrent:
+            fresh = self._allocate_blocks(1) if match.partial is not None else []
+        if fresh is None:
             self.release(seq, ())
             return None
         seq.block_table.extend(fresh)
@@ -256,9 +258,10 @@ class CacheManager:
         self._share(inserted.adopted)
         if seq._lock is not None:
             self.index.unlock(seq._lock)
+        unrestored = seq.restore_from is not None     # released before the runner copied its state in
         self.restored(seq)
         if seq.state_slot is not None:
-            if token_ids:        # the working state is the state after exactly these tokens
+            if token_ids and not unrestored:   # the working state is the state after exactly these tokens
                 self._file_checkpoint(inserted.node, len(token_ids), seq.state_slot)
             else:
                 self.states.free(seq.state_slot)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from reprise.cache import CacheManager, Match, SeqCache
+from reprise.cache.layout import CacheLayout, LayerKind
 
 NUM_BLOCKS, BS = 12, 4
 TOKENS = st.integers(1, 2)   # a tiny alphabet, so prefixes collide often
@@ -53,7 +54,7 @@ class CacheMachine(RuleBasedStateMachine):
         """match + acquire, then blocks for a first chunk, as the scheduler admits a request."""
         self.seen.append(tuple(prompt))
         match = self.cache.match(prompt, salt)
-        assert match.cached_tokens == self._longest_cached_prefix(prompt[:-1], salt)
+        assert match.cached_tokens == self._expected_match(prompt[:-1], salt)
         self._check_match_kv(match, prompt)
         acquired = self.cache.acquire(match, salt)
         if acquired is not None:
@@ -138,12 +139,15 @@ class CacheMachine(RuleBasedStateMachine):
             return False
         for position in range(run.num_computed, end):
             block = run.seq.block_table[position // BS]
-            assert self.cache.pool.ref_count(block) == 1, "writing into a shared block"
+            self._check_writable(block, position)
             self.kv[block][position % BS] = tuple(run.token_ids[:position + 1])
         run.num_computed = end
         if end == len(run.token_ids):
             run.token_ids.append(token)          # sampled; its KV comes with the next step
         return True
+
+    def _check_writable(self, block: int, position: int) -> None:
+        assert self.cache.pool.ref_count(block) == 1, "writing into a shared block"
 
     def _release(self, run: Run) -> None:
         self.cache.release(run.seq, run.token_ids[:run.num_computed])
@@ -172,7 +176,7 @@ class CacheMachine(RuleBasedStateMachine):
             for position in range(start, match.cached_tokens):
                 assert self.kv[match.partial.block][position % BS] == tuple(prompt[:position + 1])
 
-    def _longest_cached_prefix(self, query: list[int], salt: str | None) -> int:
+    def _expected_match(self, query: list[int], salt: str | None) -> int:
         """Brute force over every cached path: the longest common prefix with `query`."""
         best = 0
         for node in self.cache.index.nodes():
@@ -193,3 +197,89 @@ def _path_tokens(node) -> tuple[int, ...]:
 
 CacheMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 test_cache_state_machine = CacheMachine.TestCase
+
+
+class HybridCacheMachine(CacheMachine):
+    """The same lifecycles for a layout with recurrent layers and only 3 state slots, so
+    checkpoints are dropped often. A simulated state store records, per slot, the tokens its
+    state has consumed: every match must end exactly at a checkpoint whose state is its prefix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layout = CacheLayout((LayerKind.RECURRENT, LayerKind.FULL))
+        self.cache = CacheManager(NUM_BLOCKS, BS, layout=layout, num_state_slots=NUM_SLOTS)
+        self.states: list[tuple[int, ...] | None] = [None] * NUM_SLOTS
+        self.restores: dict[int, tuple[int, int]] = {}   # id(seq) -> (checkpoint, working slot), not yet run
+
+    def _admit(self, prompt: list[int], salt: str | None, chunk: int) -> None:
+        match = self.cache.match(prompt, salt)
+        if match.checkpoint is not None:
+            assert self.states[match.checkpoint] == tuple(prompt[:match.cached_tokens])
+        num_runs = len(self.runs)
+        super()._admit(prompt, salt, chunk)
+        if len(self.runs) > num_runs:
+            seq = self.runs[-1].seq
+            self.states[seq.state_slot] = () if seq.restore_from is None else None   # garbage until restored
+            if seq.restore_from is not None:
+                self.restores[id(seq)] = (seq.restore_from, seq.state_slot)
+
+    @precondition(lambda self: self.runs)
+    @rule(data=st.data(), chunk=st.integers(1, 16), token=TOKENS)
+    def step_with_checkpoint(self, data: st.DataObject, chunk: int, token: int) -> None:
+        """A prefill chunk that ends at a checkpoint position: snapshot, then commit with it."""
+        run = data.draw(st.sampled_from(self.runs))
+        if self._advance(run, chunk, token):
+            slot = self.cache.allocate_checkpoint()
+            if slot is not None:
+                self.states[slot] = tuple(run.token_ids[:run.num_computed])
+            self.cache.commit(run.seq, run.token_ids[:run.num_computed], checkpoint=slot)
+        self._wipe_free_blocks()
+
+    @invariant()
+    def checkpoints_hold_their_prefixes(self) -> None:
+        for node in self.cache.index.nodes():
+            path = _path_tokens(node)
+            for position, slot in node.checkpoints.items():
+                assert self.states[slot] == path[:position]
+
+    def _advance(self, run: Run, chunk: int, token: int) -> bool:
+        restore = self.restores.pop(id(run.seq), None)
+        if restore is not None:                        # the runner copies before the forward
+            self.states[restore[1]] = self.states[restore[0]]
+            self.cache.restored(run.seq)
+        advanced = super()._advance(run, chunk, token)
+        if advanced:
+            self.states[run.seq.state_slot] = tuple(run.token_ids[:run.num_computed])
+        return advanced
+
+    def _check_writable(self, block: int, position: int) -> None:
+        """A checkpoint commit indexes a partial last block while its owner still fills it: only
+        slots at or past every index entry's end may be written."""
+        for node in self.cache.index.nodes():
+            if block in node.blocks:
+                assert node.end <= position, f"writing position {position} of {node}"
+
+    def _release(self, run: Run) -> None:
+        self.restores.pop(id(run.seq), None)
+        super()._release(run)
+
+    def _wipe_free_blocks(self) -> None:
+        super()._wipe_free_blocks()
+        for slot in self.cache.states.free_block_ids():
+            self.states[slot] = None
+
+    def _expected_match(self, query: list[int], salt: str | None) -> int:
+        """Brute force: the longest checkpoint position whose path is a prefix of `query`."""
+        best = 0
+        for node in self.cache.index.nodes():
+            if node.salt == salt:
+                path = _path_tokens(node)
+                for position in node.checkpoints:
+                    if path[:position] == tuple(query[:position]):
+                        best = max(best, position)
+        return best
+
+
+NUM_SLOTS = 3
+HybridCacheMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+test_hybrid_cache_state_machine = HybridCacheMachine.TestCase
