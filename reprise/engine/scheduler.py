@@ -3,11 +3,13 @@
 It decides and owns no memory: blocks come from the CacheManager, tensors from the ModelRunner.
 Each step every decoding request gets its one token first; prefill chunks share what is left of
 the budget, cut on the block grid so a cold run and a run resumed from the cache chunk alike.
+A prompt's last token always runs as a decode, as it does after an exact hit: in bf16 a one-row
+decode rounds differently from a row of a chunk, so an exact repeat then redoes the cold run's
+arithmetic bit for bit.
 
 Hybrid models (recurrent layers) chunk on a coarser grid (`chunk_grid`, a multiple of the
-recurrence's own chunk), stop every chunk at each `checkpoint_interval` multiple and before the
-last token (which then runs as a decode, as it does after an exact cache hit), and snapshot the
-state where a chunk stops. So a cold run takes the same steps, in the same arithmetic, as a run
+recurrence's own chunk), stop every chunk at each `checkpoint_interval` multiple, and snapshot
+the state where a chunk stops. So a cold run takes the same steps, in the same arithmetic, as a run
 resumed from any of its checkpoints.
 
 With a drafter (speculative decoding), a decoding request whose drafter guesses its next tokens
@@ -119,10 +121,9 @@ class Scheduler:
     def _chunk_size(self, request: Request, budget: int) -> int:
         """All that is left (up to the next checkpoint stop) if it fits; else up to a grid line."""
         start = request.num_computed
-        end = request.num_tokens
+        end = request.num_tokens - 1           # the last token always runs as a decode, as after an exact hit
         if self.checkpoint_interval is not None:
-            next_mark = (start // self.checkpoint_interval + 1) * self.checkpoint_interval
-            end = min(end - 1, next_mark)      # the last token always runs as a decode
+            end = min(end, (start // self.checkpoint_interval + 1) * self.checkpoint_interval)
         if end - start <= budget:
             return end - start
         end = (start + budget) // self.chunk_grid * self.chunk_grid

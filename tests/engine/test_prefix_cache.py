@@ -1,6 +1,8 @@
 """The prefix cache on the default model: exact counts, and the same greedy tokens as without it."""
 from __future__ import annotations
 
+import random
+
 from reprise import ChatSession, SamplingParams
 from reprise.cache.manager import MissReason
 from reprise.engine.scheduler import common_prefix_length
@@ -105,3 +107,20 @@ def test_same_new_prefix_arriving_together_is_computed_once(llm):
 def test_no_blocks_leak_after_everything(llm):
     llm.engine.cache.check_invariants()
     assert llm.engine.stats().cache.blocks_used == 0
+
+
+def test_exact_repeat_is_bit_identical_in_bfloat16():
+    """bf16 rounds differently when a token runs as a decode (one row) than inside a prefill chunk:
+    a cold run therefore also computes its last prompt token as a decode, as an exact hit does.
+    These prompts diverged within 20 tokens when the cold run computed it in the chunk."""
+    from reprise import LLM
+    llm = LLM(dtype="bfloat16", kv_cache_bytes="64MiB")
+    rng = random.Random(0)
+    vocabulary = "the of and to in a is that for it as was with be by on not he I this are or his from at which"
+    prompts = [" ".join(rng.choice(vocabulary.split()) for _ in range(rng.randrange(50, 400))) for _ in range(10)]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    for index in (3, 8, 9):
+        cold = llm.generate(prompts[index], params)[0]
+        hot = llm.generate(prompts[index], params)[0]
+        assert cold.cached_tokens == 0 and hot.cached_tokens == len(hot.prompt_token_ids) - 1
+        assert hot.token_ids == cold.token_ids
