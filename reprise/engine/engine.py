@@ -69,6 +69,7 @@ class Engine:
         self.block_size = config.block_size
         self.kv_cache_bytes = config.kv_cache_bytes or default_kv_bytes()
         layout = model.cache_layout
+        self.state_slot_bytes = state_bytes_per_slot(self.model_config, self.dtype)
         num_state_slots = self._num_state_slots(layout)
         block_bytes = kv_bytes_per_block(self.model_config, self.block_size, self.dtype)
         self.num_blocks = (self.kv_cache_bytes - num_state_slots * self.state_slot_bytes) // block_bytes
@@ -92,8 +93,7 @@ class Engine:
 
     def _num_state_slots(self, layout) -> int:
         """Hybrid models: a working slot per running sequence plus checkpoints, within a quarter of
-        the budget (at least 2 checkpoint slots). Sets `state_slot_bytes`; 0 slots otherwise."""
-        self.state_slot_bytes = state_bytes_per_slot(self.model_config, self.dtype)
+        the budget (at least 2 checkpoint slots); 0 slots otherwise."""
         if not layout.has_recurrent:
             return 0
         return max(self.kv_cache_bytes // STATE_FRACTION // self.state_slot_bytes, self.config.max_num_seqs + 2)

@@ -19,7 +19,9 @@ from reprise.models.layers.batch import (AttentionBatch, DecodeBatch, ForwardBat
 class ScheduledChunk:
     request: Request
     num_tokens: int             # tokens computed this step, from request.num_computed on
-    samples: bool               # the chunk reaches the last token, so its logits pick the next one
+    # logits of its last token pick the next one. The scheduler never sets it (a prompt's last token
+    # runs as a decode); tests read a prefill chunk's logits with it
+    samples: bool = False
     checkpoint: int | None = None   # state slot the scheduler snapshots into after this chunk (its bookkeeping)
 
 

@@ -136,7 +136,7 @@ class Scheduler:
         if self.checkpoint_interval is not None and (end % self.checkpoint_interval == 0
                                                      or end == request.num_tokens - 1):
             checkpoint = self.cache.allocate_checkpoint()
-        return ScheduledChunk(request, num_tokens, num_tokens == request.num_uncomputed, checkpoint)
+        return ScheduledChunk(request, num_tokens, checkpoint=checkpoint)
 
     def _pick_victim(self, scheduled: set[str]) -> Request:
         """The most recently admitted request not yet planned this step (the caller itself last)."""
