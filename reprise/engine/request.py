@@ -7,8 +7,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from reprise.chat.spec import GuidedSpec
+
 if TYPE_CHECKING:
     from reprise.cache.manager import MissReason, SeqCache
+
+MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -24,10 +28,36 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     speculative: bool = True                 # False = never draft for this request (when the engine speculates)
+    presence_penalty: float = 0.0            # subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0           # subtracted per occurrence in the output so far
+    repetition_penalty: float = 1.0          # CTRL's: logits of prompt and output tokens divided (>0) or multiplied
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit); -100 bans, 100 forces
+    min_p: float = 0.0                       # drop tokens whose probability is below min_p * the top one's
+    min_tokens: int = 0                      # EOS and stop_token_ids are masked until this many tokens
+    logprobs: int | None = None              # None = none; k = the sampled token's logprob and the top k
+    prompt_logprobs: int | None = None       # the same for every prompt token; the prompt is then recomputed
+    guided: GuidedSpec | None = None         # the output must match (constrained decoding)
 
     def __post_init__(self):
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
+        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            raise ValueError("min_tokens must be in [0, max_tokens]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}]")
+        bias = dict(self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias)
+        if any(not -100 <= value <= 100 for value in bias.values()):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(k), float(v)) for k, v in bias.items())))
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
@@ -41,6 +71,31 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits depend on the tokens so far (penalties), not on the step alone."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A token's log-probability under the model (log_softmax of the raw logits, before any
+    sampling control, as vLLM reports it) and the `top` most likely tokens at its position,
+    most likely first, as (token id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Sampled:
+    """What the sampler drew for one request in one step: 1 token, or for a verify 1 to
+    len(draft) + 1; `logprobs` has one entry per token when the request asked for them."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
 
 
 class RequestStatus(enum.Enum):
@@ -70,6 +125,8 @@ class RequestOutput:
     miss: MissReason | None = None            # why the match stopped short of the nearest cached one
     diverged_at: int | None = None            # position where the prompt left the nearest cached one
     metrics: dict = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None          # one per token_ids entry, when asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None   # one per prompt token (the first: None)
 
     @property
     def finished(self) -> bool:
