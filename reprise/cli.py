@@ -42,6 +42,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.model_path is not None:
+        if args.model is not None and args.model != args.model_path:
+            raise ValueError(f"two models given: {args.model_path} and --model {args.model}")
+        args.model = args.model_path
     from reprise.server.config import server_config
     from reprise.server.serve import serve
     serve(engine_config(args), server_config(args))
@@ -80,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible API")
+    serve.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
+                       help="GGUF file or Hugging Face directory (the same as --model)")
     _engine_flags(serve)
     from reprise.server.config import add_serve_flags
     add_serve_flags(serve)

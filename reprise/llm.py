@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 from reprise.config import EngineConfig, parse_bytes
 from reprise.engine.engine import Engine
 from reprise.engine.request import RequestOutput, SamplingParams
-from reprise.loader import ReplyMemory, chat_prompt_ids
+from reprise.chat.continuity import ReplyMemory, chat_prompt_ids, reply_ids
 
 
 class LLM:
@@ -38,18 +38,16 @@ class LLM:
     def stream_chat(self, messages: list[dict], params: SamplingParams | None = None,
                     salt: str | None = None) -> Iterator[RequestOutput]:
         """Like chat, yielding an output per new token; the last one is finished."""
-        ids = chat_prompt_ids(self.tokenizer, messages, self.replies)
-        request = self.engine.add_request(ids, params or SamplingParams(), salt)
+        params = params or SamplingParams()
+        ids = chat_prompt_ids(self.tokenizer, messages, self.replies, salt)
+        request = self.engine.add_request(ids, params, salt)
         for output in self._outputs({request.request_id}):
             if output.finished:
-                self.replies.remember(output.text, self._reply_ids(output))
+                spelled = reply_ids(output.token_ids, output.finish_reason,
+                                    self.tokenizer.eos_token_ids | set(params.stop_token_ids))
+                if spelled is not None:
+                    self.replies.remember(salt, output.text, output.text, spelled)
             yield output
-
-    def _reply_ids(self, output: RequestOutput) -> list[int]:
-        ids = output.token_ids
-        if ids and ids[-1] in self.tokenizer.eos_token_ids:
-            ids = ids[:-1]
-        return ids
 
     def _run(self, prompt_ids: list[list[int]], params: SamplingParams, salt: str | None) -> list[RequestOutput]:
         requests = [self.engine.add_request(ids, params, salt) for ids in prompt_ids]

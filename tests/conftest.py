@@ -6,10 +6,17 @@ import random
 import pytest
 
 from reprise import LLM, SamplingParams
+from reprise.loader import load_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
 WORDS = ("alpha river stone light number garden window paper music signal harbor engine forest winter "
          "yellow silver morning castle bridge ocean mountain letter story market doctor planet").split()
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """Config and tokenizer of the default model (weights stay unread)."""
+    return load_model(None)
 
 
 @pytest.fixture(scope="session")

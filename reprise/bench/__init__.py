@@ -14,6 +14,8 @@ def add_bench_parser(commands, engine_flags) -> argparse.ArgumentParser:
     engine_flags(bench)
     bench.add_argument("--prompt-tokens", type=int, default=2000, help="decode: prefill prompt length")
     bench.add_argument("--batch-sizes", default="1,8", help="decode: concurrent streams to measure")
+    bench.add_argument("--sampling", default="plain",
+                       help="decode: sampling modes to measure, of plain, penalties, json (comma-separated)")
     bench.add_argument("--decode-tokens", type=int, default=128,
                        help="decode: tokens generated per stream; spec: per answer at most")
     bench.add_argument("--lengths", default="2000,4000,8000", help="prefix: prompt lengths in tokens")
@@ -46,7 +48,7 @@ def run_bench(args: argparse.Namespace, llm_kwargs: dict) -> int:
     if args.what == "decode":
         from reprise.bench.decode import run_decode
         result = run_decode(llm_kwargs, args.prompt_tokens, [int(b) for b in args.batch_sizes.split(",")],
-                            args.decode_tokens)
+                            args.decode_tokens, args.sampling.split(","))
     elif args.what == "spec":
         from reprise.bench.spec import run_spec
         result = run_spec(llm_kwargs, args.decode_tokens, args.repeats)

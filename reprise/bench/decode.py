@@ -1,13 +1,28 @@
-"""Prefill and decode throughput of the engine itself (no HTTP), the figures of the engine issue."""
+"""Prefill and decode throughput of the engine itself (no HTTP), the figures of the engine issue;
+with `--sampling`, decode under sampling controls too (penalties, a JSON schema's token masks)."""
 from __future__ import annotations
 
+import json
 import random
 import time
 
 from tqdm import tqdm
 
+from reprise.chat.spec import GuidedSpec
 from reprise.engine.request import SamplingParams
 from reprise.llm import LLM
+
+# a schema no 128-token output can complete, so every decoded token is masked by it
+_PEOPLE = {"type": "array", "minItems": 500, "items": {
+    "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                     "city": {"type": "string", "enum": ["Paris", "Tokyo", "Lima"]}},
+    "required": ["name", "age", "city"], "additionalProperties": False}}
+SAMPLING = {
+    "plain": {},
+    "penalties": {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1,
+                  "logit_bias": {42: -5.0}},
+    "json": {"guided": GuidedSpec(json_schema=json.dumps(_PEOPLE))},
+}
 
 
 def random_prompt(llm: LLM, num_tokens: int, rng: random.Random) -> list[int]:
@@ -27,10 +42,10 @@ def measure_prefill(llm: LLM, num_tokens: int, rng: random.Random) -> float:
     return num_tokens / (time.perf_counter() - start)
 
 
-def measure_decode(llm: LLM, batch_size: int, num_tokens: int, rng: random.Random) -> float:
+def measure_decode(llm: LLM, batch_size: int, num_tokens: int, rng: random.Random, sampling: str = "plain") -> float:
     """Aggregate tokens/s once every stream has its first token, until all finish."""
     engine = llm.engine
-    params = SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True, **SAMPLING[sampling])
     for _ in range(batch_size):
         engine.add_request(random_prompt(llm, 32, rng), params)
     started: set[str] = set()
@@ -46,12 +61,22 @@ def measure_decode(llm: LLM, batch_size: int, num_tokens: int, rng: random.Rando
     return generated / (time.perf_counter() - decode_start)
 
 
-def run_decode(llm_kwargs: dict, prompt_tokens: int, batch_sizes: list[int], decode_tokens: int) -> dict:
+def run_decode(llm_kwargs: dict, prompt_tokens: int, batch_sizes: list[int], decode_tokens: int,
+               samplings: list[str] = ("plain",)) -> dict:
+    """Prefill, then decode per batch size and sampling mode; a mode other than plain also reports
+    its speed as a fraction of plain decoding at the same batch size."""
     llm = LLM(**llm_kwargs)
     rng = random.Random(0)
     measure_prefill(llm, 256, rng)                        # warm-up
     rows = [{"case": f"prefill {prompt_tokens} tokens", "tokens_per_s": measure_prefill(llm, prompt_tokens, rng)}]
     for batch_size in tqdm(batch_sizes, desc="decode", leave=False):
-        rows.append({"case": f"decode batch {batch_size}",
-                     "tokens_per_s": measure_decode(llm, batch_size, decode_tokens, rng)})
+        plain = None
+        for sampling in samplings:
+            speed = measure_decode(llm, batch_size, decode_tokens, rng, sampling)
+            plain = speed if sampling == "plain" else plain
+            row = {"case": f"decode batch {batch_size}" + ("" if sampling == "plain" else f", {sampling}"),
+                   "tokens_per_s": speed}
+            if sampling != "plain" and plain is not None:
+                row["vs_plain"] = round(speed / plain, 3)
+            rows.append(row)
     return {"benchmark": "decode", "dtype": str(llm.engine.dtype).removeprefix("torch."), "rows": rows}

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from reprise.engine.request import SamplingParams
 from reprise.llm import LLM
-from reprise.loader import ReplyMemory, chat_prompt_ids
+from reprise.chat.continuity import ReplyMemory, chat_prompt_ids
 
 PROSE = ("The harbor was quiet in the early morning. Fishing boats rocked gently against the pier while gulls "
          "circled overhead, waiting for the first catch of the day. An old man sat on a wooden crate, mending a "

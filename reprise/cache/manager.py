@@ -33,6 +33,7 @@ class MissReason(Enum):
     SALT = "salt"                    # the shared namespace holds a longer match than the salt's
     DISABLED = "disabled"            # prefix caching is off
     NO_CHECKPOINT = "no_checkpoint"  # hybrid models: no state checkpoint at the matched length
+    PROMPT_LOGPROBS = "prompt_logprobs"  # the request needs logits at every prompt position: recomputed
 
 
 _MISS_BY_STOP = {Stop.DIVERGED: MissReason.DIVERGED, Stop.EVICTED: MissReason.EVICTED,
@@ -134,6 +135,11 @@ class CacheManager:
                     if length // self.block_size < len(found.blocks) else found.partial_block
         partial = PartialBlock(partial_block, length % self.block_size) if length % self.block_size else None
         return Match(length, blocks, partial, checkpoint, miss, diverged_at, found.node if length else None)
+
+    @staticmethod
+    def no_match(reason: MissReason) -> Match:
+        """An empty match, for a request that must not reuse the cache (`reason` says why)."""
+        return Match(0, (), None, None, reason, None)
 
     def _miss_reason(self, found: IndexMatch, query: Sequence[int], salt: str | None) -> MissReason | None:
         # Only the shared namespace is consulted: one tenant's cache is never revealed to another.

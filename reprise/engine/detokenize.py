@@ -10,8 +10,9 @@ class IncrementalDetokenizer:
     just before it.
     """
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
         self._stop = stop
         self._holdback = max((len(s) for s in stop), default=1) - 1
         self._ids: list[int] = []
@@ -25,8 +26,8 @@ class IncrementalDetokenizer:
         """Add one id; returns the new final text (may be empty)."""
         self._ids.append(token_id)
         decode = self._tokenizer.decode
-        before = decode(self._ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
-        after = decode(self._ids[self._prefix_offset:], skip_special_tokens=True)
+        before = decode(self._ids[self._prefix_offset:self._read_offset], skip_special_tokens=self._skip_special)
+        after = decode(self._ids[self._prefix_offset:], skip_special_tokens=self._skip_special)
         if after.endswith("\ufffd") or len(after) <= len(before):
             return self._release(final=False)
         self.text += after[len(before):]

@@ -11,8 +11,10 @@ import torch
 from reprise.cache.manager import CacheManager, CacheStats
 from reprise.config import EngineConfig, format_bytes
 from reprise.engine.detokenize import IncrementalDetokenizer
-from reprise.engine.request import FinishReason, Request, RequestOutput, RequestStatus, SamplingParams
-from reprise.engine.runner import ModelRunner, default_dtype, kv_bytes_per_block, state_bytes_per_slot
+from reprise.chat.grammar import Grammars
+from reprise.engine.request import FinishReason, Request, RequestOutput, RequestStatus, Sampled, SamplingParams
+from reprise.engine.runner import ModelRunner, PromptLogprobs, default_dtype, kv_bytes_per_block, state_bytes_per_slot
+from reprise.engine.sampler import Sampler
 from reprise.engine.scheduler import Scheduler
 from reprise.engine.speculative import SPECULATIVE_METHODS, NgramDrafter
 from reprise.loader import load_model
@@ -86,8 +88,11 @@ class Engine:
         self.scheduler = Scheduler(self.cache, self.block_size, config.max_num_seqs, config.max_num_batched_tokens,
                                    chunk_grid=grid, checkpoint_interval=interval, drafter=self.drafter,
                                    max_model_len=self.max_model_len)
+        self.grammars = Grammars(self.tokenizer)
+        sampler = Sampler(config.seed, self.model_config.vocab_size, self.tokenizer.eos_token_ids, self.grammars,
+                          self.device)
         self.runner = ModelRunner(model, self.model_config, self.num_blocks, self.block_size, self.max_model_len,
-                                  self.device, self.dtype, config.seed, num_state_slots)
+                                  self.device, self.dtype, sampler, num_state_slots)
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
 
@@ -135,8 +140,10 @@ class Engine:
         request = Request(prompt_ids, params, salt, request_id)
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.runner.sampler.add(request.request_id, params, request.prompt_ids)    # GrammarError: a ValueError
         self._requests[request.request_id] = request
-        self._detokenizers[request.request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)
+        self._detokenizers[request.request_id] = IncrementalDetokenizer(self.tokenizer, params.stop,
+                                                                          params.skip_special_tokens)
         self.scheduler.add(request)
         return request
 
@@ -155,8 +162,20 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan.empty:
             return []
-        sampled = self.runner.execute(plan)
-        return [self._advance(request, num_new) for request, num_new in self.scheduler.update(plan, sampled)]
+        sampled, prompt_logprobs = self.runner.execute(plan)
+        self._record_logprobs(plan, sampled, prompt_logprobs)
+        advanced = self.scheduler.update(plan, [s.token_ids for s in sampled])
+        return [self._advance(request, num_new) for request, num_new in advanced]
+
+    def _record_logprobs(self, plan, sampled: list[Sampled], prompt_logprobs: list[PromptLogprobs]) -> None:
+        """Files the step's logprobs with their requests (sampled: in the runner's sampling order)."""
+        sampling = [item.request for item in plan.prefills if item.samples]
+        for request, drawn in zip(sampling + [v.request for v in plan.verifies] + list(plan.decodes), sampled):
+            if request.logprobs is not None:
+                request.logprobs.extend(drawn.logprobs)
+        for scored in prompt_logprobs:
+            request = self._requests[scored.request_id]
+            request.prompt_logprobs[scored.first:scored.first + len(scored.logprobs)] = scored.logprobs
 
     def _advance(self, request: Request, num_new: int) -> RequestOutput:
         """Puts the request's `num_new` newest tokens through the stop checks one by one, as if each
@@ -201,9 +220,11 @@ class Engine:
             self.runner.sampler.forget(request.request_id)
         metrics = {"arrival": request.arrival, "first_token": request.first_token_time,
                    "finished": time.monotonic() if finished else None, "preemptions": request.num_preemptions}
+        logprobs = request.logprobs[:len(request.output_ids)] if request.logprobs is not None else None
         return RequestOutput(
             request.request_id, request.prompt_ids, list(request.output_ids), detokenizer.text, delta, delta_ids,
-            request.cached_tokens or 0, request.finish_reason, request.miss, request.diverged_at, metrics)
+            request.cached_tokens or 0, request.finish_reason, request.miss, request.diverged_at, metrics,
+            logprobs, request.prompt_logprobs)
 
     def stats(self) -> EngineStats:
         scheduler = self.scheduler

@@ -37,6 +37,7 @@ class SamplingParams:
     logprobs: int | None = None              # None = none; k = the sampled token's logprob and the top k
     prompt_logprobs: int | None = None       # the same for every prompt token; the prompt is then recomputed
     guided: GuidedSpec | None = None         # the output must match (constrained decoding)
+    skip_special_tokens: bool = True         # False: special tokens' text stays in the output (tool markers)
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -71,6 +72,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def may_draft(self) -> bool:
+        """Speculative decoding may verify several tokens at once: only when each token's
+        distribution does not depend on the ones drafted before it in the same step."""
+        return self.speculative and self.guided is None and not self.penalized and not self.min_tokens
 
     @property
     def penalized(self) -> bool:
@@ -153,6 +160,9 @@ class Request:
         self.miss: MissReason | None = None
         self.diverged_at: int | None = None
         self.finish_reason: FinishReason | None = None
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = \
+            [None] * len(prompt_ids) if params.prompt_logprobs is not None else None
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
         self.num_preemptions = 0

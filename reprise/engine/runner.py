@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from reprise.cache.layout import LayerKind
-from reprise.engine.request import Request
-from reprise.engine.sampler import Sampler
+from reprise.engine.request import Request, Sampled, TokenLogprob
+from reprise.engine.sampler import Sampler, token_logprobs
 from reprise.models import state_specs
 from reprise.models.config import ModelConfig, cache_layout
 from reprise.models.layers.batch import (AttentionBatch, DecodeBatch, ForwardBatch, PrefillChunk, RecurrentBatch,
@@ -36,6 +36,15 @@ class Verify:
     @property
     def num_tokens(self) -> int:
         return 1 + len(self.draft_ids)
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Logprobs of prompt tokens [first, first + len(logprobs)) of one request, from one chunk."""
+
+    request_id: str
+    first: int
+    logprobs: list[TokenLogprob]
 
 
 @dataclass(frozen=True)
@@ -91,7 +100,8 @@ def state_bytes_per_slot(config: ModelConfig, dtype: torch.dtype) -> int:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
-                 max_model_len: int, device: torch.device, dtype: torch.dtype, seed: int, num_state_slots: int = 0):
+                 max_model_len: int, device: torch.device, dtype: torch.dtype, sampler: Sampler,
+                 num_state_slots: int = 0):
         self.model, self.config, self.device, self.dtype = model, config, device, dtype
         self.block_size = block_size
         layout = model.cache_layout
@@ -111,7 +121,7 @@ class ModelRunner:
         self.states = [torch.zeros((num_recurrent, num_state_slots, *spec.shape), dtype=spec.dtype or dtype,
                                    device=device) for spec in state_specs(config)]
         self.caches = self._layer_caches(layout)
-        self.sampler = Sampler(seed)
+        self.sampler = sampler
 
     def _layer_caches(self, layout) -> list[tuple[torch.Tensor, ...]]:
         """Per layer, views into the shared tensors: (k, v) for attention, its states for recurrent layers."""
@@ -125,24 +135,54 @@ class ModelRunner:
                 num_attention += 1
         return caches
 
-    def execute(self, plan: StepPlan) -> list[list[int]]:
-        """Runs one step; returns the new tokens of each chunk that samples, then of each verify
-        (1 to len(draft_ids) + 1 tokens), then of each decode (one token each)."""
-        logits, sampling = self.forward(plan)
-        return self.sampler.sample(logits, [r.request_id for r, _ in sampling], [r.params for r, _ in sampling],
-                                   [draft_ids for _, draft_ids in sampling])
+    def execute(self, plan: StepPlan) -> tuple[list[Sampled], list[PromptLogprobs]]:
+        """Runs one step; returns what was sampled for each chunk that samples, then each verify
+        (1 to len(draft_ids) + 1 tokens), then each decode (one token each); and the prompt
+        logprobs of the chunks of requests that asked for them."""
+        logits, sampling, prompt_logprobs = self.forward(plan)
+        sampled = self.sampler.sample(logits, [r.request_id for r, _ in sampling], [d for _, d in sampling])
+        return sampled, prompt_logprobs
 
     @torch.inference_mode()
-    def forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[tuple[Request, tuple[int, ...]]]]:
+    def forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[tuple[Request, tuple[int, ...]]], list[PromptLogprobs]]:
         """Float32 logits, one row per sampling position, and (request, draft_ids) of the requests
-        they belong to, in plan order: a verify has 1 + len(draft_ids) rows, the others one."""
+        they belong to, in plan order: a verify has 1 + len(draft_ids) rows, the others one. Then
+        the prompt logprobs of chunks whose request asked for them."""
         self._copy_blocks(plan.copies)
         self._copy_states(plan.state_copies)
         self._reset_states(plan)
         input_ids, positions, batch, logits_indices, sampling = self._prepare(plan)
+        num_sampling = len(logits_indices)
+        scored, rows = self._scored_prompt_rows(plan)
+        if scored:
+            logits_indices = torch.cat([logits_indices, rows])
         logits = self.model(input_ids, positions, self.caches, batch, logits_indices)
         self._copy_states(plan.state_snapshots)
-        return logits, sampling
+        return logits[:num_sampling], sampling, self._prompt_logprobs(logits[num_sampling:], scored)
+
+    def _scored_prompt_rows(self, plan: StepPlan) -> tuple[list[tuple[Request, int, int]], torch.Tensor]:
+        """(request, first position, count) of the prefill rows that score a prompt token (the row at
+        position p scores token p + 1; a request resumed after preemption re-chunks its output too,
+        which is not scored), and their batch rows."""
+        scored, rows, first = [], [], 0
+        for item in plan.prefills:
+            request, start = item.request, item.request.num_computed
+            count = min(item.num_tokens, len(request.prompt_ids) - 1 - start)
+            if request.params.prompt_logprobs is not None and count > 0:
+                scored.append((request, start, count))
+                rows.append(torch.arange(first, first + count))
+            first += item.num_tokens
+        return scored, (torch.cat(rows).to(self.device) if rows else torch.empty(0))
+
+    @staticmethod
+    def _prompt_logprobs(logits: torch.Tensor, scored: list[tuple[Request, int, int]]) -> list[PromptLogprobs]:
+        results, row = [], 0
+        for request, start, count in scored:
+            targets = request.prompt_ids[start + 1:start + 1 + count]
+            logprobs = token_logprobs(logits[row:row + count], targets, request.params.prompt_logprobs)
+            results.append(PromptLogprobs(request.request_id, start + 1, logprobs))
+            row += count
+        return results
 
     def _copy_blocks(self, copies) -> None:
         if copies:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from reprise.cache.manager import CacheManager
+from reprise.cache.manager import CacheManager, Match, MissReason
 from reprise.engine.request import FinishReason, Request, RequestStatus
 from reprise.engine.runner import ScheduledChunk, StepPlan, Verify
 from reprise.engine.speculative import NgramDrafter
@@ -109,7 +109,7 @@ class Scheduler:
     def _draft(self, request: Request, budget: int) -> tuple[int, ...]:
         """Drafts within the budget, max_tokens and the context: a verify of d drafts yields at
         most d + 1 tokens, and its last position (num_tokens - 1 + d) must stay a fed one."""
-        if not request.params.speculative:
+        if not request.params.may_draft:
             return ()
         room = budget
         if request.params.max_tokens is not None:
@@ -160,7 +160,7 @@ class Scheduler:
         deferred: list[Request] = []
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             request = self.waiting.popleft()
-            match = self.cache.match(request.all_ids, request.salt)
+            match = self._match(request)
             if self._prefix_in_flight(request, match.cached_tokens):
                 deferred.append(request)
                 continue
@@ -187,6 +187,13 @@ class Scheduler:
         self.waiting.extendleft(reversed(deferred))
         return copies
 
+    def _match(self, request: Request) -> Match:
+        """The cache's match; none for a request that asked for prompt logprobs, whose every prompt
+        position needs logits the cache does not keep."""
+        if request.params.prompt_logprobs is not None:
+            return self.cache.no_match(MissReason.PROMPT_LOGPROBS)
+        return self.cache.match(request.all_ids, request.salt)
+
     def _start(self, request: Request, match) -> None:
         if request.cached_tokens is None:       # first admission; a resumed request keeps its numbers
             request.cached_tokens = match.cached_tokens
@@ -196,16 +203,20 @@ class Scheduler:
         self.running.append(request)
 
     def _prefix_in_flight(self, request: Request, num_cached: int) -> bool:
-        """True if a running request is computing at least one more block of this prompt right now.
+        """True if a running request is computing at least one more block of this prompt right now,
+        or is about to compute the last tokens it shares with it (a continuation prefill, whose
+        blocks all enter the index when it ends one step later).
 
         Waiting for it (its blocks enter the index as each chunk completes) beats computing the
         same prefix twice in parallel.
         """
         for other in self.running:
-            if other.salt != request.salt or other.num_uncomputed <= 1:
+            if other.salt != request.salt:
                 continue
             shared = common_prefix_length(request.all_ids, other.prompt_ids)
-            if shared - num_cached >= self.block_size and other.num_computed < shared:
+            if other.num_computed >= shared or shared <= num_cached:
+                continue
+            if shared - num_cached >= self.block_size or shared == len(other.prompt_ids):
                 return True
         return False
 

@@ -1,13 +1,8 @@
 """Tokenizer: the model's own vocabulary (tokenizers, the Rust library) and chat template (jinja2).
-
-Also token continuity: `ReplyMemory` and `chat_prompt_ids` keep a reply's generated ids when a
-chat client sends it back as text, so the next turn's prompt extends the ids the cache holds.
 """
 from __future__ import annotations
 
 import json
-import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -111,24 +106,37 @@ class Tokenizer:
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, template: str | None = None, **kwargs) -> str:
         """The prompt text for `messages`, as transformers' apply_chat_template(tokenize=False) renders it.
 
         `kwargs` reach the template (tools=[...], enable_thinking=False, ...) and override the
         special tokens. Keys whose value is None are dropped from messages first, as transformers
-        does (OpenAI clients send content=None next to tool_calls). ValueError without a template.
+        does (OpenAI clients send content=None next to tool_calls). `continue_final_message` ends
+        the text right after the last message's content, so the model continues it (assistant
+        prefill). `template` replaces the model's own. ValueError without a template.
         """
-        if self.chat_template is None:
+        template = template or self.chat_template
+        if template is None:
             raise ValueError("this model has no chat template; send a plain prompt to /v1/completions instead")
         messages = [{k: v for k, v in message.items() if v is not None} for message in messages]
         tools = kwargs.pop("tools", None)
         documents = kwargs.pop("documents", None)
-        return _compile(self.chat_template).render(
+        rendered = _compile(template).render(
             messages=messages, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
             **{**self.special_tokens, **kwargs})
+        return _continued(rendered, messages[-1].get("content")) if continue_final_message else rendered
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._backend.token_to_id(token)
+
+
+def _continued(rendered: str, final: str | None) -> str:
+    """`rendered` cut right after the final message's content, as transformers cuts it."""
+    if not isinstance(final, str) or not final.strip() or final.strip() not in rendered:
+        raise ValueError("continue_final_message needs a final message whose text the template renders")
+    kept = final if final in rendered else final.strip()
+    return rendered[:rendered.rindex(kept) + len(kept)]
 
 
 @lru_cache(maxsize=8)
@@ -187,70 +195,3 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 
 def _raise_exception(message: str):
     raise jinja2.exceptions.TemplateError(message)
-
-
-class ReplyMemory:
-    """Reply text -> the exact ids the model generated for it (final stop token excluded).
-
-    Bounded, least recently used first out; safe to share between threads.
-    """
-
-    def __init__(self, capacity: int = 4096):
-        self._capacity = capacity
-        self._replies: OrderedDict[str, tuple[int, ...]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def remember(self, text: str, token_ids: Sequence[int]) -> None:
-        """`token_ids` must decode to exactly `text`; empty replies are not kept."""
-        if not text or not token_ids:
-            return
-        with self._lock:
-            self._replies[text] = tuple(token_ids)
-            self._replies.move_to_end(text)
-            while len(self._replies) > self._capacity:
-                self._replies.popitem(last=False)
-
-    def recall(self, text: str) -> tuple[int, ...] | None:
-        with self._lock:
-            ids = self._replies.get(text)
-            if ids is not None:
-                self._replies.move_to_end(text)
-            return ids
-
-    def __len__(self) -> int:
-        return len(self._replies)
-
-
-def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict], memory: ReplyMemory | None,
-                    **template_kwargs) -> list[int]:
-    """Prompt ids for `messages`: the rendered template, with remembered replies kept as generated.
-
-    Re-encoding a reply's text often gives other ids than the model produced ("Hel"+"lo" vs
-    "Hello"), which would end a prefix-cache match at the reply. Here each assistant message
-    whose content `memory` recalls is located in the rendered text and replaced by its
-    remembered ids; the text around it is encoded in pieces cut at those points, as the earlier
-    turn's prompt was, so turn N+1's ids start with turn N's prompt and reply ids:
-
-        rendered:  | before_1 | reply_1 | before_2 | reply_2 | rest   |
-        ids:       | encode   | memory  | encode   | memory  | encode |
-
-    Every message's content is located in order, each search starting where the previous
-    one ended, so a reply is not mistaken for an earlier message with the same text. The ids
-    always decode to the rendered text (remembered ids decode to their reply). With no memory,
-    or no recalled reply found, this is exactly encode(rendered).
-    """
-    rendered = tokenizer.render_chat(messages, **template_kwargs)
-    ids: list[int] = []
-    encoded = searched = 0        # rendered[:encoded] is in ids; rendered[:searched] is matched to messages
-    for message in messages if memory is not None else ():
-        content = message.get("content")
-        start = rendered.find(content, searched) if isinstance(content, str) and content else -1
-        if start < 0:
-            continue
-        searched = start + len(content)
-        remembered = memory.recall(content) if message.get("role") == "assistant" else None
-        if remembered is not None:
-            ids += tokenizer.encode(rendered[encoded:start])
-            ids += remembered
-            encoded = searched
-    return ids + tokenizer.encode(rendered[encoded:])

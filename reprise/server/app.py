@@ -1,9 +1,11 @@
 """The FastAPI app: OpenAI-compatible routes over one AsyncEngine.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, POST /v1/cache/lookup (dry-run match),
-GET /v1/cache/check (the cache's invariants, recounted), GET /v1/models, GET /health (503 once the
-engine thread is gone), GET /metrics. With API keys, /v1/* needs `Authorization: Bearer KEY`;
-/health and /metrics stay open. Bodies past --max-body-bytes get 413 before any parsing. Every
+GET /v1/cache/check (the cache's invariants, recounted), GET /v1/models, POST /tokenize and
+/detokenize (vLLM's shapes), GET /version, GET and HEAD /health (503 once the engine thread is
+gone), GET /metrics. With API keys, /v1/* needs `Authorization: Bearer KEY`; /health, /version and
+/metrics stay open (so do /tokenize and /detokenize, as in vLLM: they touch no cache). With
+--allowed-origins, browsers' CORS preflights are answered. Bodies past --max-body-bytes get 413 before any parsing. Every
 error has OpenAI's shape (errors.py). A request is admitted (or refused with 429) before its
 response starts, so a streaming client sees the status too. A streaming client that disconnects
 cancels its stream, which aborts the requests; a non-streaming one is watched for the same.
@@ -14,6 +16,7 @@ import asyncio
 import time
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -22,7 +25,9 @@ from reprise.server.config import ServerConfig
 from reprise.server.errors import APIError, install_error_handlers
 from reprise.server.metrics import CONTENT_TYPE, ServerMetrics
 from reprise.server.middleware import TENANT_SALT, BearerAuth, BodyLimit
-from reprise.server.protocol import CacheLookupRequest, ChatCompletionRequest, CompletionRequest
+from reprise import __version__
+from reprise.server.protocol import (CacheLookupRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                     TokenizeRequest)
 from reprise.server.responses import event_stream, response_body
 from reprise.server.serving import Job, Serving
 
@@ -40,7 +45,7 @@ def create_app(async_engine: AsyncEngine, config: ServerConfig = ServerConfig())
     _install_middleware(app, config)
     created = int(time.time())
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict:
         if not async_engine.is_alive:
             raise APIError(503, "the engine thread is not running", code="engine_dead")
@@ -49,6 +54,18 @@ def create_app(async_engine: AsyncEngine, config: ServerConfig = ServerConfig())
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         return Response(await asyncio.to_thread(metrics.exposition), media_type=CONTENT_TYPE)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        return serving.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        return serving.detokenize(body)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -77,8 +94,11 @@ def create_app(async_engine: AsyncEngine, config: ServerConfig = ServerConfig())
 
 def _install_middleware(app: FastAPI, config: ServerConfig) -> None:
     app.add_middleware(BodyLimit, max_body_bytes=config.max_body_bytes)
-    if config.api_keys:             # added last, so it runs first: a refused caller sends no body
+    if config.api_keys:             # added after the limit, so it runs first: a refused caller sends no body
         app.add_middleware(BearerAuth, api_keys=config.api_keys, salt_per_key=config.salt_per_key)
+    if config.allowed_origins:      # outermost: a preflight carries no key, and errors need CORS headers too
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials="*" not in config.allowed_origins)
 
 
 def _tenant_salt(request: Request) -> str | None:
@@ -111,7 +131,7 @@ async def _respond(serving: Serving, job: Job, request: Request) -> Response:
     if not work.done():
         work.cancel()               # aborts the requests; the answer would reach no one
         raise APIError(400, "the client disconnected")
-    return JSONResponse(response_body(job, work.result()))
+    return JSONResponse(response_body(serving, job, work.result()))
 
 
 async def _disconnected(request: Request) -> None:

@@ -7,6 +7,8 @@ import hmac
 import os
 from dataclasses import dataclass
 
+from reprise.chat.reasoning import REASONING_PARSERS
+from reprise.chat.tool_parsers import TOOL_FORMATS
 from reprise.config import format_bytes, parse_bytes
 
 DEFAULT_MAX_WAITING = 256
@@ -28,6 +30,11 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S
     log_prompts: bool = False                # debugging only: prompts and full error texts in the log
+    chat_template: str | None = None         # a Jinja file replacing the model's chat template
+    tool_call_parser: str | None = None      # None = chosen from the template
+    reasoning_parser: str | None = None      # None = chosen from the template
+    allowed_origins: tuple[str, ...] = ()    # CORS: browser origins allowed to call ("*" = any)
+    continuation_prefill: bool = True        # cache a chat reply as the next turn renders it, when that differs
 
     def __post_init__(self):
         if self.salt_per_key and not self.api_keys:
@@ -63,6 +70,17 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                         help="seconds SIGTERM waits for running requests and streams before cancelling them")
     parser.add_argument("--log-prompts", action="store_true",
                         help="debugging only: write prompts and full error messages to the log")
+    parser.add_argument("--chat-template", default=None, metavar="FILE",
+                        help="a Jinja chat template to use instead of the model's own")
+    parser.add_argument("--tool-call-parser", default=None, choices=TOOL_FORMATS,
+                        help="how the model writes tool calls (default: chosen from the chat template)")
+    parser.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
+                        help="split <think> reasoning into reasoning_content (default: chosen from the template)")
+    parser.add_argument("--no-continuation-prefill", action="store_true",
+                        help="do not compute a chat reply into the cache the way the next turn renders it "
+                             "(where the template changes it, e.g. drops <think> blocks)")
+    parser.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
+                        help="answer CORS preflights from these browser origins (repeat or comma-separate; * = any)")
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -71,15 +89,22 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
                         salt_per_key=args.salt_per_key, served_model_name=args.served_model_name,
                         max_waiting=args.max_waiting, max_prompt_tokens=args.max_prompt_tokens,
                         max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
-                        log_prompts=args.log_prompts)
+                        log_prompts=args.log_prompts, chat_template=args.chat_template,
+                        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+                        allowed_origins=_split(args.allowed_origins or ()),
+                        continuation_prefill=not args.no_continuation_prefill)
 
 
 def parse_api_keys(values: list[str] | None, env_value: str | None) -> tuple[str, ...]:
     """Keys from repeated --api-key flags and/or the env value, each possibly comma-separated;
     the flags win over the env. Order kept, duplicates dropped."""
-    sources = values if values else ([env_value] if env_value else [])
-    keys = (key.strip() for value in sources for key in value.split(","))
-    return tuple(dict.fromkeys(key for key in keys if key))
+    return _split(values if values else ([env_value] if env_value else []))
+
+
+def _split(values) -> tuple[str, ...]:
+    """Repeated and/or comma-separated flag values, in order, without blanks and duplicates."""
+    items = (item.strip() for value in values for item in value.split(","))
+    return tuple(dict.fromkeys(item for item in items if item))
 
 
 def key_salt(api_key: str) -> str:

@@ -1,10 +1,15 @@
 """Response bodies and server-sent event streams, in OpenAI's shapes.
 
-Streams: chat first sends each choice's `delta: {role: "assistant"}`; then content chunks (no
-usage field); each choice's last chunk carries its finish_reason. With
+A job has one choice per engine request: `n` choices of each prompt, in a row. Chat replies are
+read (reasoning, tool calls) by the turn's ReplyReader: a reply with calls has `tool_calls` and
+finish_reason "tool_calls", and its markup never reaches `content`.
+
+Streams: chat first sends each choice's `delta: {role: "assistant"}`; then content, reasoning
+and tool-call deltas (no usage field); each choice's last chunk carries its finish_reason. With
 `stream_options.include_usage`, one more chunk with `choices: []` carries the usage, once. Then
 `data: [DONE]`. With `cache_report`, the cache object rides on the request's final chunk: the
-usage chunk if there is one, else the last finish chunk.
+usage chunk if there is one, else the last finish chunk. Logprobs ride on the chunk of the
+tokens they score.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from collections.abc import AsyncIterator
 from reprise.engine.async_engine import EngineDead, RequestStream
 from reprise.engine.request import RequestOutput
 from reprise.server.errors import APIError, log_failure, sse_error
+from reprise.server.logprobs import chat_logprobs, completion_logprobs
 from reprise.server.protocol import CacheReport, Usage
 from reprise.server.serving import Job, Serving
 
@@ -22,36 +28,46 @@ log = logging.getLogger("reprise")
 DONE = "data: [DONE]\n\n"
 
 
-def response_body(job: Job, outputs: list[RequestOutput]) -> dict:
-    """The non-streaming response: one choice per prompt, usage always, cache when asked."""
-    if job.chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": o.text}, "logprobs": None,
-                    "finish_reason": _reason(o)} for i, o in enumerate(outputs)]
-    else:
-        choices = [{"index": i, "text": o.text, "logprobs": None, "finish_reason": _reason(o)}
-                   for i, o in enumerate(outputs)]
+def response_body(serving: Serving, job: Job, outputs: list[RequestOutput]) -> dict:
+    """The non-streaming response: one choice per engine request, usage always, cache when asked."""
+    tokenizer = serving.tokenizer
+    choices = []
+    for index, output in enumerate(outputs):
+        if job.chat:
+            reply = job.turn.parse(output)
+            logprobs = chat_logprobs(tokenizer, output.logprobs) if output.logprobs is not None else None
+            choices.append({"index": index, "message": reply.message(), "logprobs": logprobs,
+                            "finish_reason": _reason(output, bool(reply.tool_calls))})
+        else:
+            echo = job.echo[index // job.n] if job.echo is not None else ""
+            choices.append({"index": index, "text": echo + output.text,
+                            "logprobs": _completion_logprobs(serving, job, output, echo=bool(echo)),
+                            "finish_reason": _reason(output, False)})
     body = _envelope(job, "chat.completion" if job.chat else "text_completion", choices)
-    body["usage"] = Usage.of(outputs).model_dump()
+    body["usage"] = Usage.of(outputs, job.n).model_dump()
     if job.cache_report:
-        body["cache"] = CacheReport.of(outputs).model_dump()
+        body["cache"] = _cache_report(serving, job, outputs)
     return body
 
 
 async def event_stream(serving: Serving, job: Job, streams: list[RequestStream]) -> AsyncIterator[str]:
     """The SSE body of a streaming request. Engine failures become one error event, then [DONE]."""
     final: dict[int, RequestOutput] = {}
+    readers = [job.turn.reader(job.request_id(index)) for index in range(len(job.prompts))] if job.chat else None
     try:
-        if job.chat:
-            for index in range(len(job.prompts)):
-                yield _chunk(job, [_choice(job, index, "", None, role=True)])
+        for index in range(len(job.prompts)):
+            if job.chat:
+                yield _chunk(job, [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                    "finish_reason": None}])
+            elif job.echo is not None:
+                yield _chunk(job, [_text_choice(index, job.echo[index // job.n], None, None)])
         async for index, output in serving.stream(job, streams):
             if output.finished:
                 final[index] = output
-                yield _finish_chunk(job, index, output, final)
-            elif output.delta_text:
-                yield _chunk(job, [_choice(job, index, output.delta_text, None)])
+            for chunk in _output_chunks(serving, job, index, output, readers, final):
+                yield chunk
         if job.include_usage:
-            yield _chunk(job, [], **_extras(job, final, usage=True))
+            yield _chunk(job, [], **_extras(serving, job, final, usage=True))
     except Exception as error:          # noqa: BLE001 - headers are sent: report in the stream, then end it
         if isinstance(error, (APIError, EngineDead)):       # our own messages: they quote no input
             log.error("stream %s failed: %s", job.id, error)
@@ -61,25 +77,67 @@ async def event_stream(serving: Serving, job: Job, streams: list[RequestStream])
     yield DONE
 
 
-def _finish_chunk(job: Job, index: int, output: RequestOutput, final: dict[int, RequestOutput]) -> str:
-    last = len(final) == len(job.prompts) and not job.include_usage
-    extras = _extras(job, final, usage=False) if last else {}
-    return _chunk(job, [_choice(job, index, output.delta_text, _reason(output))], **extras)
+def _output_chunks(serving: Serving, job: Job, index: int, output: RequestOutput, readers, final) -> list[str]:
+    """The chunks for one output delta of choice `index`: its text pieces, then (when it is the
+    last) the finish chunk, which also carries the job's extras when it is the last of all."""
+    logprobs = _delta_logprobs(serving, job, output)
+    if not job.chat:
+        pieces = [_text_choice(index, output.delta_text, logprobs, None)] if output.delta_text or logprobs else []
+    else:
+        reader = readers[index]
+        deltas = reader.feed(output.delta_text) + (reader.finish() if output.finished else [])
+        if logprobs is not None and not deltas:
+            deltas = [{}]
+        pieces = [{"index": index, "delta": delta, "logprobs": logprobs if i == 0 else None, "finish_reason": None}
+                  for i, delta in enumerate(deltas)]
+    chunks = [_chunk(job, [piece]) for piece in pieces]
+    if output.finished:
+        last = len(final) == len(job.prompts) and not job.include_usage
+        calls = job.chat and readers[index].num_tool_calls > 0
+        finish = ({"index": index, "delta": {}, "logprobs": None, "finish_reason": _reason(output, calls)}
+                  if job.chat else _text_choice(index, "", None, _reason(output, False)))
+        chunks.append(_chunk(job, [finish], **(_extras(serving, job, final, usage=False) if last else {})))
+    return chunks
 
 
-def _extras(job: Job, final: dict[int, RequestOutput], usage: bool) -> dict:
+def _delta_logprobs(serving: Serving, job: Job, output: RequestOutput) -> dict | None:
+    if output.logprobs is None or not output.delta_token_ids:
+        return None
+    scored = output.logprobs[len(output.logprobs) - len(output.delta_token_ids):]
+    if job.chat:
+        return chat_logprobs(serving.tokenizer, scored)
+    offset = len(output.text) - len(output.delta_text)
+    return completion_logprobs(serving.tokenizer, scored, offset)
+
+
+def _completion_logprobs(serving: Serving, job: Job, output: RequestOutput, echo: bool) -> dict | None:
+    """Logprobs of the generated tokens, after the prompt's (the first scored None) when echoed."""
+    if output.logprobs is None:
+        return None
+    if echo and output.prompt_logprobs is not None:
+        return completion_logprobs(serving.tokenizer, output.logprobs, 0, output.prompt_logprobs,
+                                   output.prompt_token_ids)
+    return completion_logprobs(serving.tokenizer, output.logprobs, 0)
+
+
+def _extras(serving: Serving, job: Job, final: dict[int, RequestOutput], usage: bool) -> dict:
     outputs = [final[index] for index in sorted(final)]
-    extras = {"usage": Usage.of(outputs).model_dump()} if usage else {}
+    extras = {"usage": Usage.of(outputs, job.n).model_dump()} if usage else {}
     if job.cache_report:
-        extras["cache"] = CacheReport.of(outputs).model_dump()
+        extras["cache"] = _cache_report(serving, job, outputs)
     return extras
 
 
-def _choice(job: Job, index: int, text: str, finish_reason: str | None, role: bool = False) -> dict:
-    if not job.chat:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def _cache_report(serving: Serving, job: Job, outputs: list[RequestOutput]) -> dict:
+    report = CacheReport.of(outputs[::job.n])
+    stopped = report.diverged_at if report.diverged_at is not None else report.cached_tokens
+    if job.chat and report.cached_tokens < report.prompt_tokens - 1:
+        report.diverged_message = job.turn.prompt.message_at(serving.tokenizer, stopped)
+    return report.model_dump()
+
+
+def _text_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def _chunk(job: Job, choices: list[dict], **extras) -> str:
@@ -92,5 +150,7 @@ def _envelope(job: Job, kind: str, choices: list[dict]) -> dict:
     return {"id": job.id, "object": kind, "created": job.created, "model": job.model, "choices": choices}
 
 
-def _reason(output: RequestOutput) -> str | None:
-    return output.finish_reason.value if output.finish_reason is not None else None
+def _reason(output: RequestOutput, tool_calls: bool) -> str | None:
+    if output.finish_reason is None:
+        return None
+    return "tool_calls" if tool_calls and output.finish_reason.value == "stop" else output.finish_reason.value

@@ -14,39 +14,52 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import jinja2
-
+from reprise.chat.continuity import ReplyMemory
+from reprise.chat.grammar import GrammarError
+from reprise.chat.spec import GuidedSpec
 from reprise.engine.async_engine import AsyncEngine, EngineDead, RequestStream
 from reprise.engine.request import FinishReason, RequestOutput, SamplingParams
-from reprise.loader import ReplyMemory, chat_prompt_ids
+from reprise.server.chat_turn import ChatTemplates, ChatTurn
 from reprise.server.config import ServerConfig, tenant_cache_salt
 from reprise.server.errors import APIError
 from reprise.server.metrics import ServerMetrics
-from reprise.server.protocol import (CacheLookupRequest, CacheReport, ChatCompletionRequest, ChatMessage,
-                                     CompletionRequest, GenerationRequest)
+from reprise.server.protocol import (CacheLookupRequest, CacheReport, ChatCompletionRequest, CompletionRequest,
+                                     DetokenizeRequest, GenerationRequest, PromptOrMessages, TokenizeRequest)
 
-_TEMPLATE_ERRORS = (jinja2.TemplateError, ValueError, TypeError, KeyError)
 RETRY_AFTER_S = 1               # a full queue drains in about a request's time; a short wait is right
+CONTINUATION = SamplingParams(temperature=0, max_tokens=1, speculative=False)
 log = logging.getLogger("reprise")
 
 
 @dataclass(frozen=True)
 class Job:
-    """One API request, ready to run. `chat` selects the chat response shapes."""
+    """One API request, ready to run: one engine request per choice (`n` choices of each prompt,
+    in a row). `turn` is set for chat completions; `echo` (text completions) holds each prompt's
+    text when it is echoed."""
 
     id: str
     created: int
     model: str
-    chat: bool
     prompts: list[list[int]]
-    params: SamplingParams
+    params: list[SamplingParams]
+    n: int
     salt: str | None
     stream: bool
     include_usage: bool
     cache_report: bool
+    turn: ChatTurn | None = None
+    echo: list[str] | None = None
+
+    @property
+    def chat(self) -> bool:
+        return self.turn is not None
+
+    def request_id(self, index: int) -> str:
+        """The engine request of choice `index`."""
+        return f"{self.id}-{index}"
 
 
 class Serving:
@@ -60,6 +73,8 @@ class Serving:
         self.metrics = metrics
         self.config = config
         self.replies = ReplyMemory()
+        self.chats = ChatTemplates(self.tokenizer, config)
+        self._background: set[asyncio.Task] = set()
         self.model_name = config.served_model_name or engine.model_config.name or _stem(engine.model_path)
         aliases = {self.model_name, "default", str(engine.model_path), engine.config.model}
         self._accepted_names = {name for name in aliases if name}
@@ -72,20 +87,31 @@ class Serving:
     def chat_job(self, body: ChatCompletionRequest, tenant_salt: str | None = None) -> Job:
         """`tenant_salt`: the caller's key-derived salt (--salt-per-key), combined with body.cache_salt."""
         self._check_request(body)
-        prompt_ids = self.chat_prompt(body.messages, body.chat_template_kwargs)
-        return self._job(body, "chatcmpl", chat=True, prompts=[prompt_ids], tenant_salt=tenant_salt)
+        salt = tenant_cache_salt(tenant_salt, body.cache_salt)
+        turn = self.chats.turn(body, self.replies, salt)
+        guided = self._guided(body, turn.tool_spec())
+        return self._job(body, "chatcmpl", [turn.prompt.ids], salt, guided, turn=turn)
 
     def completion_job(self, body: CompletionRequest, tenant_salt: str | None = None) -> Job:
         self._check_request(body)
-        prompts = [self.text_prompt(prompt) for prompt in body.prompts()]
-        return self._job(body, "cmpl", chat=False, prompts=prompts, tenant_salt=tenant_salt)
+        texts = body.prompts()
+        prompts = [self.text_prompt(prompt) for prompt in texts]
+        echo = [text if isinstance(text, str) else self.tokenizer.decode(text) for text in texts] if body.echo else None
+        return self._job(body, "cmpl", prompts, tenant_cache_salt(tenant_salt, body.cache_salt),
+                         self._guided(body, None), echo=echo)
 
-    def chat_prompt(self, messages: list[ChatMessage], template_kwargs: dict | None) -> list[int]:
-        rendered = [message.as_template_message() for message in messages]
-        try:
-            return chat_prompt_ids(self.tokenizer, rendered, self.replies, **(template_kwargs or {}))
-        except _TEMPLATE_ERRORS as error:
-            raise APIError(400, f"cannot apply the chat template to these messages: {error}", "messages") from error
+    def _guided(self, body: GenerationRequest, tool_spec: GuidedSpec | None) -> GuidedSpec | None:
+        """The request's output constraint, checked by the grammar engine (400 naming the field)."""
+        given = body.output_spec()
+        if given is not None and tool_spec is not None and tool_spec.tool_calls_required:
+            raise APIError(400, f"{given[0]} cannot be combined with tool_choice required or a named tool", given[0])
+        field, spec = given if given is not None else ("tools", tool_spec)
+        if spec is not None:
+            try:
+                self.engine.grammars.check(spec)
+            except GrammarError as error:
+                raise APIError(400, f"{field}: {error}", field, "invalid_grammar") from error
+        return spec
 
     def text_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -105,12 +131,19 @@ class Serving:
         if refused is not None:
             raise APIError(400, refused[1], refused[0])
 
-    def _job(self, body: GenerationRequest, prefix: str, chat: bool, prompts: list[list[int]],
-             tenant_salt: str | None) -> Job:
-        max_tokens = self.fit(prompts, body.requested_max_tokens(), "messages" if chat else "prompt")
-        job = Job(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), self.model_name, chat, prompts,
-                  body.sampling_params(max_tokens), tenant_cache_salt(tenant_salt, body.cache_salt),
-                  bool(body.stream), body.include_usage, bool(body.cache_report))
+    def _job(self, body: GenerationRequest, prefix: str, prompts: list[list[int]], salt: str | None,
+             guided: GuidedSpec | None, turn: ChatTurn | None = None, echo: list[str] | None = None) -> Job:
+        max_tokens = self.fit(prompts, body.requested_max_tokens(), "messages" if turn else "prompt")
+        skip_special = turn is None or not turn.keeps_special_tokens
+        params = body.sampling_params(max_tokens, guided, skip_special)
+        if isinstance(body, CompletionRequest) and body.echo_logprobs() is not None:
+            params = replace(params, prompt_logprobs=body.echo_logprobs())
+        n = body.num_choices
+        seeds = [None if params.seed is None else (params.seed + i) % 2**64 for i in range(n)]
+        job = Job(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), self.model_name,
+                  [prompt for prompt in prompts for _ in range(n)],
+                  [replace(params, seed=seed) for _ in prompts for seed in seeds], n, salt,
+                  bool(body.stream), body.include_usage, bool(body.cache_report), turn, echo)
         if self.config.log_prompts:
             for index, prompt_ids in enumerate(prompts):
                 log.info("%s prompt %d (%d tokens): %r", job.id, index, len(prompt_ids),
@@ -159,8 +192,8 @@ class Serving:
                            headers={"Retry-After": str(RETRY_AFTER_S)})
         streams: list[RequestStream] = []
         try:
-            for index, prompt_ids in enumerate(job.prompts):
-                streams.append(self.async_engine.generate(prompt_ids, job.params, job.salt, f"{job.id}-{index}"))
+            for index, (prompt_ids, params) in enumerate(zip(job.prompts, job.params)):
+                streams.append(self.async_engine.generate(prompt_ids, params, job.salt, job.request_id(index)))
         except (ValueError, EngineDead) as error:
             for stream in streams:
                 stream.close()
@@ -199,7 +232,7 @@ class Serving:
         try:
             async for output in stream:
                 if output.finished:
-                    self._finished(job, output)
+                    self._finished(job, index, output)
                 merged.put_nowait((index, output))
         except ValueError as error:     # the engine refused the add (it raises before any output)
             merged.put_nowait((index, APIError(400, str(error), "prompt")))
@@ -208,37 +241,66 @@ class Serving:
         finally:
             stream.close()
 
-    def _finished(self, job: Job, output: RequestOutput) -> None:
+    def _finished(self, job: Job, index: int, output: RequestOutput) -> None:
         self.metrics.observe(output)
-        if job.chat and output.finish_reason is not FinishReason.ABORT:
-            reply_ids = self._reply_ids(output, job.params)
-            if reply_ids is not None:
-                self.replies.remember(output.text, reply_ids)
+        if job.turn is None or output.finish_reason is FinishReason.ABORT:
+            return
+        stop_ids = self.tokenizer.eos_token_ids | set(job.params[index].stop_token_ids)
+        continuation = job.turn.finish(output, stop_ids, self.replies, job.salt)
+        if continuation is not None and index == 0 and self.config.continuation_prefill:
+            self._prefill(continuation, job.salt, f"{job.id}-next")
 
-    def _reply_ids(self, output: RequestOutput, params: SamplingParams) -> list[int] | None:
-        """The ids that spell `output.text`: without a final EOS or stop token; None after a stop string."""
-        ids = list(output.token_ids)
-        if ids and (ids[-1] in self.tokenizer.eos_token_ids or ids[-1] in params.stop_token_ids):
-            return ids[:-1]
-        if output.finish_reason is FinishReason.STOP:
-            return None                 # cut at a stop string: the ids spell more than the text
-        return ids
+    def _prefill(self, prompt_ids: list[int], salt: str | None, request_id: str) -> None:
+        """Computes the KV of `prompt_ids` into the cache in the background (one greedy token,
+        discarded), so the next turn hits it; skipped when the engine is busy or gone."""
+        if self.async_engine.num_waiting >= self.config.max_waiting // 2:
+            return
+        try:
+            stream = self.async_engine.generate(prompt_ids, CONTINUATION, salt, request_id)
+        except (ValueError, EngineDead):
+            return
+        self._background.add(task := asyncio.ensure_future(_drain(stream)))
+        task.add_done_callback(self._background.discard)
 
     async def lookup(self, body: CacheLookupRequest, tenant_salt: str | None = None) -> CacheReport:
         """The cache match a request would get, without running it (POST /v1/cache/lookup)."""
-        self.check_model(body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise APIError(400, "give exactly one of prompt or messages", "prompt")
-        if body.messages is not None:
-            prompt_ids = self.chat_prompt(body.messages, body.chat_template_kwargs)
-        else:
-            prompt_ids = self.text_prompt(body.prompt)
-        if not prompt_ids:
-            raise APIError(400, "the prompt is empty", "prompt")
         salt = tenant_cache_salt(tenant_salt, body.cache_salt)
+        prompt_ids = self._prompt_of(body, self.replies, salt)
         match = await asyncio.to_thread(self.async_engine.call, self.engine.cache.match, prompt_ids, salt)
         return CacheReport(cached_tokens=match.cached_tokens, prompt_tokens=len(prompt_ids),
                            diverged_at=match.diverged_at, miss_reason=match.miss.value if match.miss else None)
+
+    def tokenize(self, body: TokenizeRequest) -> dict:
+        """POST /tokenize: the prompt's ids as plain tokenization gives them (no reply memory: the
+        route names no tenant, so it must not reveal what any tenant was answered)."""
+        if body.messages is None and isinstance(body.prompt, str) and body.add_special_tokens:
+            self.check_model(body.model)
+            ids = self.tokenizer.encode(body.prompt, add_special_tokens=True)
+        else:
+            ids = self._prompt_of(body, None, None)
+        result = {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids}
+        if body.return_token_strs:
+            result["token_strs"] = [self.tokenizer.decode([token]) for token in ids]
+        return result
+
+    def detokenize(self, body: DetokenizeRequest) -> dict:
+        self.check_model(body.model)
+        return {"prompt": self.tokenizer.decode(self.text_prompt(body.tokens) if body.tokens else [])}
+
+    def _prompt_of(self, body: PromptOrMessages, memory: ReplyMemory | None, salt: str | None) -> list[int]:
+        self.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", "prompt")
+        prompt_ids = (self.chats.turn(body, memory, salt).prompt.ids if body.messages is not None
+                      else self.text_prompt(body.prompt))
+        if not prompt_ids:
+            raise APIError(400, "the prompt is empty", "prompt")
+        return prompt_ids
+
+
+async def _drain(stream: RequestStream) -> None:
+    async for _ in stream:
+        pass
 
 
 def _stem(path) -> str:

@@ -12,7 +12,7 @@ from reprise import LLM, SamplingParams
 from reprise.engine.request import FinishReason
 from reprise.engine.sampler import Sampler, accept_greedy, accept_or_resample
 from reprise.engine.speculative import NgramDrafter
-from reprise.loader import ReplyMemory, chat_prompt_ids
+from reprise.chat.continuity import ReplyMemory, chat_prompt_ids
 from tests.conftest import prompt_ids
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40)
@@ -150,8 +150,10 @@ def test_sampler_keeps_the_agreeing_run_and_one_own_token():
     logits = torch.full((3, 8), -30.0)
     logits[0, 2] = logits[1, 3] = logits[2, 4] = 30.0      # the model surely says 2, 3, 4
     params = SamplingParams(temperature=1.0, seed=0)
-    assert Sampler(0).sample(logits, ["a"], [params], [(2, 3)]) == [[2, 3, 4]]
-    assert Sampler(0).sample(logits, ["b"], [params], [(2, 7)]) == [[2, 3]]
+    for draft, expected in (((2, 3), [2, 3, 4]), ((2, 7), [2, 3])):
+        sampler = Sampler(0, 8, frozenset({0}), None, torch.device("cpu"))
+        sampler.add("a", params, [])
+        assert sampler.sample(logits, ["a"], [draft])[0].token_ids == expected
 
 
 def test_ngram_drafter_copies_the_latest_earlier_continuation():

@@ -6,7 +6,7 @@ import os
 import gguf
 import pytest
 
-from reprise.loader import default_model_path, load_model
+from reprise.loader import default_model_path
 
 
 @pytest.fixture(scope="session")
@@ -17,11 +17,6 @@ def default_path() -> str:
 @pytest.fixture(scope="session")
 def default_reader(default_path) -> gguf.GGUFReader:
     return gguf.GGUFReader(default_path)
-
-
-@pytest.fixture(scope="session")
-def default_model():
-    return load_model(None)
 
 
 @pytest.fixture(scope="session")

@@ -26,14 +26,14 @@ def engine_logits(engine: Engine, ids: list[int], num_prompt: int, chunk: int = 
     while request.num_computed < num_prompt:
         _drop(request, drop_outside, engine.block_size)
         size = min(chunk, num_prompt - request.num_computed)
-        logits, _ = engine.runner.forward(StepPlan((ScheduledChunk(request, size, True),), (), ()))
+        logits, *_ = engine.runner.forward(StepPlan((ScheduledChunk(request, size, True),), (), ()))
         request.num_computed += size
         rows.append(logits[0])
     rows = rows[-1:]
     for token in ids[num_prompt:]:
         request.output_ids.append(token)
         _drop(request, drop_outside, engine.block_size)
-        logits, _ = engine.runner.forward(StepPlan((), (request,), ()))
+        logits, *_ = engine.runner.forward(StepPlan((), (request,), ()))
         request.num_computed += 1
         rows.append(logits[0])
     request.cache.block_table[:] = held

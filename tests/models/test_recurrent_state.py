@@ -35,7 +35,7 @@ def start(engine: Engine, ids: list[int], slot: int) -> Request:
 
 
 def prefill(engine: Engine, request: Request, num_tokens: int, **plan) -> torch.Tensor:
-    logits, _ = engine.runner.forward(StepPlan((ScheduledChunk(request, num_tokens, True),), (), (), **plan))
+    logits, *_ = engine.runner.forward(StepPlan((ScheduledChunk(request, num_tokens, True),), (), (), **plan))
     request.num_computed += num_tokens
     return logits[0]
 

@@ -12,7 +12,6 @@ import httpx
 import openai
 import pytest
 
-from reprise.loader import load_model
 from tests.server.helpers import launch
 
 API_KEY = "test-key-7f3a"
@@ -25,12 +24,6 @@ class Server:
     url: str                  # http://127.0.0.1:PORT
     num_blocks: int           # the KV pool, computed from the model config: what the server must report
     max_model_len: int
-
-
-@pytest.fixture(scope="session")
-def default_model():
-    """Config and tokenizer of the default model (weights stay unread)."""
-    return load_model(None)
 
 
 @pytest.fixture(scope="session")

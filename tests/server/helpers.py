@@ -103,3 +103,21 @@ def wait_idle(http: httpx.Client, timeout: float = 15.0) -> dict[str, float]:
         time.sleep(0.1)
         blocks = kv_blocks(http)
     return blocks
+
+
+def write_tiny_model(directory: Path) -> Path:
+    """A tiny random-weight Llama with the default model's tokenizer (ChatML: <|im_end|> ends a turn),
+    for server tests of chat templates the default model does not have (pass --chat-template)."""
+    import torch
+    import transformers
+
+    from reprise.loader import load_model
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                                      eos_token_id=2, bos_token_id=1, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    (directory / "tokenizer.json").write_text(load_model(None).tokenizer.backend_json())
+    (directory / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>", "bos_token": "<|im_start|>"}')
+    return directory

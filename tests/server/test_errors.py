@@ -29,8 +29,11 @@ def assert_error(response: httpx.Response, status: int, param=None, code=None) -
     ({"messages": []}, "messages"),                                          # empty
     ({"messages": HI, "max_tokens": 0}, "max_tokens"),
     ({"messages": HI, "max_completion_tokens": 0}, "max_completion_tokens"),
-    ({"messages": HI, "n": 2}, "n"),
-    ({"messages": HI, "logprobs": True}, "logprobs"),
+    ({"messages": HI, "n": 17}, "n"),
+    ({"messages": HI, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": HI, "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": HI, "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"messages": HI, "presence_penalty": 3}, "presence_penalty"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
 ])
 def test_invalid_chat_requests_are_400(http, body, param):
@@ -43,7 +46,7 @@ def test_invalid_chat_requests_are_400(http, body, param):
     ({"prompt": []}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": [1, 2, 10**9]}, "prompt"),
-    ({"prompt": "Hi", "echo": True}, "echo"),
+    ({"prompt": "Hi", "logprobs": 21}, "logprobs"),
     ({"max_tokens": 3}, "prompt"),
 ])
 def test_invalid_completion_requests_are_400(http, body, param):

@@ -47,10 +47,22 @@ def test_unknown_fields_are_ignored_and_stream_options_read():
     assert not ChatCompletionRequest(messages=HI, stream_options={"include_usage": True}).include_usage
 
 
-@pytest.mark.parametrize(("fields", "param"), [({"n": 2}, "n"), ({"logprobs": True}, "logprobs"),
-                                               ({"top_logprobs": 2}, "logprobs")])
+@pytest.mark.parametrize(("fields", "param"), [({"audio": {}}, "audio"), ({"store": True}, "store"),
+                                               ({"modalities": ["audio"]}, "modalities")])
 def test_unsupported_chat_features_are_named(fields, param):
     assert ChatCompletionRequest(messages=HI, **fields).unsupported()[0] == param
+
+
+def test_sampling_controls_reach_the_sampling_params():
+    request = ChatCompletionRequest(messages=HI, presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.2,
+                                    logit_bias={"7": -100, "9": 5}, min_p=0.1, min_tokens=2, logprobs=True,
+                                    top_logprobs=3)
+    params = request.sampling_params(8)
+    assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.5, -1, 1.2)
+    assert params.logit_bias == ((7, -100.0), (9, 5.0))
+    assert (params.min_p, params.min_tokens, params.logprobs) == (0.1, 2, 3)
+    assert ChatCompletionRequest(messages=HI, logprobs=True).sampling_params(8).logprobs == 0
+    assert ChatCompletionRequest(messages=HI).sampling_params(8).logprobs is None
 
 
 def test_text_parts_join_and_other_parts_are_refused():
@@ -68,9 +80,15 @@ def test_usage_and_cache_report_sum_over_prompts():
     assert Usage.of(outputs).model_dump() == {"prompt_tokens": 15, "completion_tokens": 5, "total_tokens": 20,
                                               "prompt_tokens_details": {"cached_tokens": 9}}
     assert CacheReport.of(outputs[:1]).model_dump() == {"cached_tokens": 9, "prompt_tokens": 10, "diverged_at": 9,
-                                                        "miss_reason": "diverged"}
+                                                        "miss_reason": "diverged", "diverged_message": None}
     assert CacheReport.of(outputs).model_dump() == {"cached_tokens": 9, "prompt_tokens": 15, "diverged_at": None,
-                                                    "miss_reason": None}
+                                                    "miss_reason": None, "diverged_message": None}
+
+
+def test_n_choices_count_the_prompt_once():
+    outputs = [output(10, 3, 4), output(10, 2, 9), output(6, 1, 0), output(6, 4, 5)]      # n=2 of two prompts
+    assert Usage.of(outputs, n=2).model_dump() == {"prompt_tokens": 16, "completion_tokens": 10,
+                                                   "total_tokens": 26, "prompt_tokens_details": {"cached_tokens": 4}}
 
 
 def _errors(model, body) -> list[dict]:
