@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
+from reprise.cache.pins import PinTable
+
 if TYPE_CHECKING:
     from reprise.cache.radix import Node
 
@@ -69,6 +71,7 @@ class PrefixIndex(Protocol):
     block_size: int
     num_nodes: int
     num_cached_tokens: int
+    pins: PinTable
 
     def match(self, token_ids: Sequence[int], salt: str | None) -> IndexMatch: ...
 
@@ -84,6 +87,10 @@ class PrefixIndex(Protocol):
 
     def drop_checkpoint(self) -> int | None: ...
 
+    def pin(self, token_ids: Sequence[int], salt: str | None, until: float, max_blocks: int) -> Insertion: ...
+
+    def expire_pins(self, now: float) -> int: ...
+
     def nodes(self) -> Iterator[Node]: ...
 
     def check_invariants(self) -> None: ...
@@ -96,6 +103,7 @@ class NullIndex:
         self.block_size = block_size
         self.num_nodes = 0
         self.num_cached_tokens = 0
+        self.pins = PinTable()
 
     def match(self, token_ids: Sequence[int], salt: str | None) -> IndexMatch:
         return IndexMatch(0, (), None, Stop.DISABLED if token_ids else Stop.EXHAUSTED)
@@ -117,6 +125,12 @@ class NullIndex:
 
     def drop_checkpoint(self) -> int | None:
         return None
+
+    def pin(self, token_ids: Sequence[int], salt: str | None, until: float, max_blocks: int) -> Insertion:
+        return Insertion(None, ())
+
+    def expire_pins(self, now: float) -> int:
+        return 0
 
     def nodes(self) -> Iterator[Node]:
         return iter(())

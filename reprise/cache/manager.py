@@ -14,7 +14,8 @@ layer slides, `trim` gives back the blocks that fell out of the window of a runn
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -90,6 +91,8 @@ class CacheStats:
     blocks_cached: int    # held only by the index: reusable, evictable unless locked
     blocks_free: int
     num_blocks: int
+    blocks_pinned: int = 0    # in the index under a pin that has not ended (a subset of used + cached)
+    pin_expiries: int = 0     # pins that ended
 
 
 class CacheManager:
@@ -101,8 +104,12 @@ class CacheManager:
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_cache: bool = True,
-                 layout: CacheLayout | None = None, num_state_slots: int = 0) -> None:
+                 layout: CacheLayout | None = None, num_state_slots: int = 0, max_pinned_fraction: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`max_pinned_fraction`: of the pool, the blocks one namespace may pin; `clock` times pins."""
         self.block_size = block_size
+        self.max_pinned_blocks = int(num_blocks * max_pinned_fraction)
+        self._clock = clock
         self.num_blocks = num_blocks
         self.pool = BlockPool(num_blocks, block_size)
         self.recurrent = layout is not None and layout.has_recurrent
@@ -250,10 +257,11 @@ class CacheManager:
             seq.block_table[i] = None
         seq.num_trimmed = max(seq.num_trimmed, num_dead)
 
-    def release(self, seq: SeqCache, token_ids: Sequence[int]) -> None:
+    def release(self, seq: SeqCache, token_ids: Sequence[int], pins: Sequence[tuple[int, float]] = ()) -> None:
         """End `seq` (finish, abort or preemption): index `token_ids` (every token whose KV is
         computed, e.g. prompt + output minus the last sampled token), unlock, free its blocks.
-        Afterwards the seq holds nothing and must not be used again.
+        Afterwards the seq holds nothing and must not be used again. Each of `pins`, (num_tokens,
+        ttl_seconds), pins the first num_tokens indexed for that long (see cache/pins.py).
 
         Safe before the partial-block copy ran (`token_ids` = the first cached_tokens): those
         tokens lie on the locked path, so the index adopts none of this seq's blocks for them.
@@ -275,6 +283,15 @@ class CacheManager:
         seq.block_table.clear()
         seq._lock, seq.state_slot = None, None
         self._live.discard(seq)
+        self._pin(token_ids, seq.salt, pins)
+
+    def _pin(self, token_ids: Sequence[int], salt: str | None, pins: Sequence[tuple[int, float]]) -> None:
+        """After the release: a pin's split must not move the nodes the release still used."""
+        now = self._clock()
+        for num_tokens, ttl in pins:
+            if min(num_tokens, len(token_ids)):
+                pinned = self.index.pin(token_ids[:num_tokens], salt, now + ttl, self.max_pinned_blocks)
+                self._share(pinned.adopted)
 
     def _insertable(self, seq: SeqCache, num_tokens: int) -> int:
         """Tokens that can be indexed: beyond what is committed, only up to the first block trim gave back."""
@@ -302,9 +319,12 @@ class CacheManager:
 
     @property
     def stats(self) -> CacheStats:
+        """The counters and block states now (pins that have ended are let go first)."""
+        self.index.expire_pins(self._clock())
         free = self.pool.num_free
         return CacheStats(self._queries, self._hits, self._evictions, self._num_used,
-                          self.num_blocks - self._num_used - free, free, self.num_blocks)
+                          self.num_blocks - self._num_used - free, free, self.num_blocks,
+                          self.index.pins.total_blocks, self.index.pins.num_expired)
 
     # ---- block accounting ---------------------------------------------------------------
 
@@ -317,6 +337,7 @@ class CacheManager:
 
     def _make_free(self, num_free: int) -> None:
         # An evicted entry frees nothing when another holder keeps its block: hence the loop.
+        self.index.expire_pins(self._clock())
         while self.pool.num_free < num_free:
             dropped = self.index.evict(num_free - self.pool.num_free)
             if not dropped.blocks:

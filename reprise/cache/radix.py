@@ -14,6 +14,11 @@ that straddles their edge; the tree owns one pool reference per (node, entry).
 Recurrent-state checkpoints (hybrid models) are node payloads: `node.checkpoints[p] = slot` is
 the state after path positions [0, p), for start < p <= end. A split gives each half the ones
 in its range; evicting a node drops its checkpoints with its blocks.
+
+Pins (retention a client asked for): `node.pin_until` is the time its pin ends. Eviction takes
+unpinned leaves first (LRU among them), pinned ones only when nothing else is evictable, and a
+pin that has ended is an ordinary entry again (`expire_pins`, called before every eviction).
+Pins are per namespace (salt) and each namespace's pinned blocks are bounded by the caller.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import itertools
 from collections.abc import Iterator, Sequence
 
 from reprise.cache.index import Evicted, IndexMatch, Insertion, Stop, require
+from reprise.cache.pins import PinTable
 
 _MAX_EVICTED_FIRSTS = 16  # per node: enough to explain misses, bounded so memory stays flat
 
@@ -34,7 +40,7 @@ class Node:
     """
 
     __slots__ = ("tokens", "start", "salt", "parent", "children", "blocks", "lock_ref",
-                 "last_access", "evicted_firsts", "heap_entry", "checkpoints")
+                 "last_access", "evicted_firsts", "heap_entry", "checkpoints", "pin_until")
 
     def __init__(self, tokens: tuple[int, ...], start: int, salt: str | None, parent: Node | None,
                  blocks: list[int], last_access: int) -> None:
@@ -49,6 +55,7 @@ class Node:
         self.evicted_firsts: dict[int, None] = {}  # ordered set, oldest first
         self.heap_entry: tuple[int, int, Node] | None = None  # its live LRU heap entry
         self.checkpoints: dict[int, int] = {}      # path position -> state slot, start < position <= end
+        self.pin_until: float | None = None        # when its pin ends (a clock time); None = not pinned
 
     @property
     def end(self) -> int:
@@ -81,9 +88,10 @@ class RadixIndex:
         self._roots: dict[str | None, Node] = {None: Node((), 0, None, None, [], 0)}
         self._clock = 0
         self._push_order = itertools.count()
-        self._heap: list[tuple[int, int, Node]] = []
+        self._heap: list[tuple[int, int, int, Node]] = []
         self.num_nodes = 0           # non-root nodes
         self.num_cached_tokens = 0   # tokens over all non-root nodes
+        self.pins = PinTable()
 
     # ---- lookup -------------------------------------------------------------------------
 
@@ -193,6 +201,8 @@ class RadixIndex:
         node.checkpoints = {p: slot for p, slot in node.checkpoints.items() if p > at}
         node.tokens, node.start, node.parent = node.tokens[cut:], at, upper
         self.num_nodes += 1
+        if node.pin_until is not None:
+            self.pins.split(node, upper, straddled=bool(at % bs))
         return upper
 
     # ---- locks and LRU ------------------------------------------------------------------
@@ -225,10 +235,38 @@ class RadixIndex:
         dropped = Evicted([], [])
         while len(dropped.blocks) < num_blocks and self._heap:
             entry = heapq.heappop(self._heap)
-            if entry[2].heap_entry is entry:
-                dropped.checkpoints.extend(entry[2].checkpoints.values())
-                dropped.blocks.extend(self._remove_leaf(entry[2]))
+            if entry[3].heap_entry is entry:
+                dropped.checkpoints.extend(entry[3].checkpoints.values())
+                dropped.blocks.extend(self._remove_leaf(entry[3]))
         return dropped
+
+    # ---- pins ---------------------------------------------------------------------------
+
+    def pin(self, token_ids: Sequence[int], salt: str | None, until: float, max_blocks: int) -> Insertion:
+        """Pin the cached path of `token_ids` (which must all be cached) until `until`, root side
+        first, while the namespace's pinned blocks stay within `max_blocks`. The node holding the
+        last token is split there, so nothing past it is pinned; the straddling block a split
+        shares is in `adopted` (the caller takes a pool reference for it)."""
+        tokens, adopted = tuple(token_ids), []
+        node, pos = self._roots.get(salt), 0
+        while node is not None and pos < len(tokens):
+            child = node.children.get(tokens[pos])
+            if child is None or _common_prefix(child.tokens, tokens, pos) < min(len(child.tokens), len(tokens) - pos):
+                raise ValueError("pin: the tokens are not all cached")
+            if child.end > len(tokens):
+                child = self._split(child, len(tokens), adopted)
+            if not self.pins.add(child, until, max_blocks):
+                break
+            self._refresh(child)
+            node, pos = child, child.end
+        return Insertion(node, tuple(adopted))
+
+    def expire_pins(self, now: float) -> int:
+        """Unpin every node whose pin has ended by `now`; returns how many pins ended."""
+        ended = self.pins.expire(now)
+        for node in ended:
+            self._refresh(node)
+        return len(ended)
 
     # ---- checkpoints --------------------------------------------------------------------
 
@@ -261,22 +299,24 @@ class RadixIndex:
             del parent.evicted_firsts[next(iter(parent.evicted_firsts))]
         self.num_nodes -= 1
         self.num_cached_tokens -= len(node.tokens)
+        self.pins.remove(node)
         if parent.parent is None and parent.salt is not None and not parent.children:
             del self._roots[parent.salt]  # an empty tenant namespace costs nothing to drop
         self._refresh(parent)
         return node.blocks
 
     def _refresh(self, node: Node) -> None:
-        """Keep exactly one live heap entry, keyed by last_access, on each evictable node."""
+        """Keep exactly one live heap entry, keyed by (pinned, last_access), on each evictable node."""
         if node.parent is None or node.lock_ref or node.children:
             node.heap_entry = None
             return
-        if node.heap_entry is not None and node.heap_entry[0] == node.last_access:
+        key = (node.pin_until is not None, node.last_access)
+        if node.heap_entry is not None and node.heap_entry[:2] == key:
             return
-        node.heap_entry = (node.last_access, next(self._push_order), node)
+        node.heap_entry = (*key, next(self._push_order), node)
         heapq.heappush(self._heap, node.heap_entry)
         if len(self._heap) > 2 * self.num_nodes + 64:
-            self._heap = [entry for entry in self._heap if entry[2].heap_entry is entry]
+            self._heap = [entry for entry in self._heap if entry[3].heap_entry is entry]
             heapq.heapify(self._heap)
 
     # ---- inspection (stats and tests) ---------------------------------------------------
@@ -292,7 +332,7 @@ class RadixIndex:
 
     def check_invariants(self) -> None:
         """Walk the whole tree and raise AssertionError on any broken structure. Tests only."""
-        live = {id(entry) for entry in self._heap if entry[2].heap_entry is entry}
+        live = {id(entry) for entry in self._heap if entry[3].heap_entry is entry}
         num_nodes = num_tokens = 0
         for salt, root in self._roots.items():
             require(salt is None or root.children, f"empty namespace {salt!r} kept")
@@ -300,6 +340,7 @@ class RadixIndex:
             num_nodes, num_tokens = num_nodes + 1, num_tokens + len(node.tokens)
             self._check_node(node, live)
         require(num_nodes == self.num_nodes, f"num_nodes {self.num_nodes} != {num_nodes}")
+        self.pins.check(self.nodes())
         require(num_tokens == self.num_cached_tokens, "num_cached_tokens out of date")
 
     def _check_node(self, node: Node, live: set[int]) -> None:
@@ -311,6 +352,7 @@ class RadixIndex:
         require(all(node.start < p <= node.end for p in node.checkpoints), f"{node} checkpoint out of range")
         evictable = node.lock_ref == 0 and not node.children
         entry = node.heap_entry
-        on_heap = entry is not None and id(entry) in live and entry[0] == node.last_access
+        on_heap = entry is not None and id(entry) in live and entry[:2] == (node.pin_until is not None,
+                                                                             node.last_access)
         require(evictable == on_heap, f"{node} evictable={evictable} but on LRU heap={on_heap}")
 

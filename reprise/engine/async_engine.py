@@ -76,10 +76,10 @@ class AsyncEngine:
             self._thread.start()
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, salt: str | None = None,
-                 request_id: str | None = None) -> RequestStream:
+                 request_id: str | None = None, pins: tuple[tuple[int, float], ...] = ()) -> RequestStream:
         """Queues the request now and returns its outputs. Raises ValueError when it can never run
         (engine.check_prompt) and EngineDead when the engine thread is gone; an add the engine
-        refuses later surfaces as the stream's first item."""
+        refuses later surfaces as the stream's first item. `pins`: see Engine.add_request."""
         self.engine.check_prompt(len(prompt_ids), params.max_tokens)
         if not self.is_alive:
             raise EngineDead("the engine thread is not running")
@@ -87,7 +87,7 @@ class AsyncEngine:
         stream = RequestStream(self, request_id or f"req-{uuid.uuid4().hex}")
         with self._count_lock:
             self._num_queued_adds += 1
-        self._commands.put(("add", (prompt_ids, params, salt, stream.request_id, loop, stream.outputs)))
+        self._commands.put(("add", (prompt_ids, params, salt, stream.request_id, loop, stream.outputs, pins)))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -168,10 +168,10 @@ class AsyncEngine:
             if output is not None:
                 self._deliver(output)
 
-    def _add(self, prompt_ids, params, salt, request_id, loop, outputs) -> None:
+    def _add(self, prompt_ids, params, salt, request_id, loop, outputs, pins) -> None:
         try:
             with self._lock:
-                self.engine.add_request(prompt_ids, params, salt, request_id)
+                self.engine.add_request(prompt_ids, params, salt, request_id, pins)
         except Exception as error:              # noqa: BLE001 - reported to the caller
             _post(loop, outputs, error)
         else:

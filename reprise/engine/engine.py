@@ -81,7 +81,8 @@ class Engine:
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
         self.cache = CacheManager(self.num_blocks, self.block_size, enable_prefix_cache=config.prefix_cache,
-                                  layout=layout, num_state_slots=num_state_slots)
+                                  layout=layout, num_state_slots=num_state_slots,
+                                  max_pinned_fraction=config.max_pinned_fraction)
         grid = math.lcm(self.block_size, RECURRENT_CHUNK) if layout.has_recurrent else self.block_size
         interval = -(-config.checkpoint_interval // grid) * grid       # rounded up onto the chunk grid
         self.drafter = self._drafter(layout)
@@ -135,9 +136,11 @@ class Engine:
                              f"exceeds the {what} of {limit} tokens; shorten the prompt or lower max_tokens")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, salt: str | None = None,
-                    request_id: str | None = None) -> Request:
+                    request_id: str | None = None, pins: tuple[tuple[int, float], ...] = ()) -> Request:
+        """Queues a request. `pins`: (num_tokens, ttl_seconds) prefixes of the prompt to keep
+        pinned in the cache once it ends (see cache/pins.py)."""
         self.check_prompt(len(prompt_ids), params.max_tokens)
-        request = Request(prompt_ids, params, salt, request_id)
+        request = Request(prompt_ids, params, salt, request_id, pins)
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.runner.sampler.add(request.request_id, params, request.prompt_ids)    # GrammarError: a ValueError

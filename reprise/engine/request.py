@@ -147,11 +147,12 @@ class Request:
     """Mutable engine-side state of one request. Positions [0, num_computed) have KV in its blocks."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, salt: str | None = None,
-                 request_id: str | None = None):
+                 request_id: str | None = None, pins: tuple[tuple[int, float], ...] = ()):
         self.request_id = request_id or f"req-{next(_ids)}"
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.salt = salt
+        self.pins = pins        # (num_tokens, ttl_seconds): prefixes the cache keeps pinned after it ends
         self.output_ids: list[int] = []
         self.status = RequestStatus.WAITING
         self.num_computed = 0

@@ -263,7 +263,7 @@ class Scheduler:
     def finish(self, request: Request, reason: FinishReason) -> None:
         """Ends a request, running or waiting; what it computed goes into the prefix cache."""
         if request.status is RequestStatus.RUNNING:
-            self.cache.release(request.cache, request.all_ids[:request.num_computed])
+            self.cache.release(request.cache, request.all_ids[:request.num_computed], request.pins)
             request.cache = None
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING:

@@ -56,7 +56,10 @@ class ChatTemplates:
             _check_named(tools, tool_choice.function.name)
         rendered = self.render(messages, tools, body.add_generation_prompt, body.continue_final_message,
                                body.chat_template_kwargs)
-        prompt = prompt_ids(self.tokenizer, rendered, messages, memory, salt)
+        try:
+            prompt = prompt_ids(self.tokenizer, rendered, messages, memory, salt)
+        except (ValueError, TypeError) as error:     # e.g. a lone surrogate, which UTF-8 cannot hold
+            raise APIError(400, f"cannot tokenize the messages: {type(error).__name__}", "messages") from error
         return ChatTurn(self, messages, tools, tool_choice, body.parallel_tool_calls, prompt,
                         body.chat_template_kwargs)
 

@@ -44,6 +44,10 @@ class EngineCollector:
                                   value=cache.hits)
         yield CounterMetricFamily("reprise:prefix_cache_evictions", "KV blocks evicted from the prefix cache.",
                                   value=cache.evictions)
+        yield GaugeMetricFamily("reprise:kv_blocks_pinned", "KV blocks in the prefix cache under a client's "
+                                "retention pin that has not ended (a subset of used + cached).", value=cache.blocks_pinned)
+        yield CounterMetricFamily("reprise:prefix_cache_pin_expiries", "Retention pins that ended.",
+                                  value=cache.pin_expiries)
         blocks = GaugeMetricFamily("reprise:kv_blocks", "KV blocks by state: used by running requests, "
                                    "cached (unreferenced, reusable) or free; they sum to the pool.", labels=["state"])
         blocks.add_metric(["used"], cache.blocks_used)

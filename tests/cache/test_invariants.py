@@ -31,7 +31,8 @@ class Run:
 class CacheMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.cache = CacheManager(NUM_BLOCKS, BS)
+        self.now = 0.0
+        self.cache = CacheManager(NUM_BLOCKS, BS, max_pinned_fraction=0.5, clock=lambda: self.now)
         self.kv: list[list[tuple[int, ...] | None]] = [[None] * BS for _ in range(NUM_BLOCKS)]
         self.runs: list[Run] = []
         self.seen: list[tuple[int, ...]] = []   # token ids of every request so far
@@ -74,12 +75,16 @@ class CacheMachine(RuleBasedStateMachine):
         self._wipe_free_blocks()
 
     @precondition(lambda self: self.runs)
-    @rule(data=st.data(), token=TOKENS)
-    def finish(self, data: st.DataObject, token: int) -> None:
-        """Run to the end of what it has (if blocks allow), sample once, release."""
+    @rule(data=st.data(), token=TOKENS, pin=st.integers(0, 16), ttl=st.sampled_from([1.0, 10.0]))
+    def finish(self, data: st.DataObject, token: int, pin: int, ttl: float) -> None:
+        """Run to the end of what it has (if blocks allow), sample once, release (with a pin)."""
         run = data.draw(st.sampled_from(self.runs))
         self._advance(run, len(run.token_ids), token)
-        self._release(run)
+        self._release(run, ((pin, ttl),) if pin else ())
+
+    @rule(seconds=st.sampled_from([0.5, 5.0]))
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
 
     @precondition(lambda self: self.runs)
     @rule(data=st.data())
@@ -149,8 +154,8 @@ class CacheMachine(RuleBasedStateMachine):
     def _check_writable(self, block: int, position: int) -> None:
         assert self.cache.pool.ref_count(block) == 1, "writing into a shared block"
 
-    def _release(self, run: Run) -> None:
-        self.cache.release(run.seq, run.token_ids[:run.num_computed])
+    def _release(self, run: Run, pins=()) -> None:
+        self.cache.release(run.seq, run.token_ids[:run.num_computed], pins)
         self.seen.append(tuple(run.token_ids))
         self.runs.remove(run)
         self._wipe_free_blocks()
@@ -259,9 +264,9 @@ class HybridCacheMachine(CacheMachine):
             if block in node.blocks:
                 assert node.end <= position, f"writing position {position} of {node}"
 
-    def _release(self, run: Run) -> None:
+    def _release(self, run: Run, pins=()) -> None:
         self.restores.pop(id(run.seq), None)
-        super()._release(run)
+        super()._release(run, pins)
 
     def _wipe_free_blocks(self) -> None:
         super()._wipe_free_blocks()

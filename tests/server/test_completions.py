@@ -107,12 +107,12 @@ def test_cache_report_and_dry_run_lookup(http, fresh_prompt):
     assert lookup["cached_tokens"] >= 50 and lookup["miss_reason"] == "diverged"
     assert lookup["diverged_at"] == lookup["cached_tokens"]
     assert http.post("/v1/cache/lookup", json={"prompt": prompt, "cache_salt": "other"}).json() == {
-        "cached_tokens": 0, "prompt_tokens": 50, "diverged_at": None, "miss_reason": "salt"}
+        "cached_tokens": 0, "prompt_tokens": 50, "diverged_at": None, "miss_reason": "salt", "diverged_message": None}
 
     with http.stream("POST", "/v1/completions", json=dict(body, stream=True)) as r:
         events = sse_events(r)
     assert events[-2]["cache"] == {"cached_tokens": 49, "prompt_tokens": 50, "diverged_at": None,
-                                   "miss_reason": None}
+                                   "miss_reason": None, "diverged_message": None}
     assert all("cache" not in chunk for chunk in events[:-2])
     with http.stream("POST", "/v1/completions", json=dict(body, stream=True, stream_options={"include_usage": True})) as r:
         events = sse_events(r)

@@ -23,7 +23,7 @@ class StandInEngine:
     def __init__(self):
         self.scheduler = SimpleNamespace(waiting=deque())
         self.has_work = False
-        self.tokenizer = None
+        self.tokenizer = SimpleNamespace(chat_template=None, encode=lambda text: [], is_special=lambda token: False)
         self.model_config = SimpleNamespace(name="stand-in")
         self.model_path = "stand-in"
         self.config = SimpleNamespace(model=None)
@@ -34,7 +34,7 @@ class StandInEngine:
     def check_prompt(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
         pass
 
-    def add_request(self, prompt_ids, params, salt, request_id) -> None:
+    def add_request(self, prompt_ids, params, salt, request_id, pins=()) -> None:
         self.admitting.wait(10)
         self.scheduler.waiting.append(request_id)
 
