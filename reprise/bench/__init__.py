@@ -15,7 +15,7 @@ def add_bench_parser(commands, engine_flags) -> argparse.ArgumentParser:
     bench.add_argument("--prompt-tokens", type=int, default=2000, help="decode: prefill prompt length")
     bench.add_argument("--batch-sizes", default="1,8", help="decode: concurrent streams to measure")
     bench.add_argument("--sampling", default="plain",
-                       help="decode: sampling modes to measure, of plain, penalties, json (comma-separated)")
+                       help="decode: sampling modes to measure, of plain, penalties, json, tools_auto (comma-separated)")
     bench.add_argument("--decode-tokens", type=int, default=128,
                        help="decode: tokens generated per stream; spec: per answer at most")
     bench.add_argument("--lengths", default="2000,4000,8000", help="prefix: prompt lengths in tokens")

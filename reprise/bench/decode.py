@@ -8,7 +8,7 @@ import time
 
 from tqdm import tqdm
 
-from reprise.chat.spec import GuidedSpec
+from reprise.chat.spec import GuidedSpec, ToolTag
 from reprise.engine.request import SamplingParams
 from reprise.llm import LLM
 
@@ -17,11 +17,16 @@ _PEOPLE = {"type": "array", "minItems": 500, "items": {
     "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                                      "city": {"type": "string", "enum": ["Paris", "Tokyo", "Lima"]}},
     "required": ["name", "age", "city"], "additionalProperties": False}}
+_TOOL = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+_TOOL_TAGS = tuple(ToolTag("<tool_call>", '<tool_call>{"name": "%s", "arguments": ' % name, json.dumps(_TOOL),
+                           "}</tool_call>") for name in ("get_weather", "get_time"))
 SAMPLING = {
     "plain": {},
     "penalties": {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1,
                   "logit_bias": {42: -5.0}},
     "json": {"guided": GuidedSpec(json_schema=json.dumps(_PEOPLE))},
+    # tool_choice auto: free text, masked by a grammar that waits for the call trigger
+    "tools_auto": {"guided": GuidedSpec(tool_calls=_TOOL_TAGS)},
 }
 
 

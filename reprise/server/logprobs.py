@@ -35,6 +35,14 @@ def completion_logprobs(tokenizer: Tokenizer, scored: Sequence[TokenLogprob], of
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
+def prompt_logprobs(tokenizer: Tokenizer, scored: Sequence[TokenLogprob | None]) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: per prompt token (the first: null), token id -> {logprob,
+    decoded_token} for the token itself and the top ones at its position."""
+    return [None if entry is None else {
+        str(token): {"logprob": logprob, "decoded_token": _text(tokenizer, token)}
+        for token, logprob in ((entry.token_id, entry.logprob), *entry.top)} for entry in scored]
+
+
 def _entry(tokenizer: Tokenizer, token: int, logprob: float) -> dict:
     text = _text(tokenizer, token)
     return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "surrogatepass"))}

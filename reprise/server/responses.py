@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from reprise.engine.async_engine import EngineDead, RequestStream
 from reprise.engine.request import RequestOutput
 from reprise.server.errors import APIError, log_failure, sse_error
-from reprise.server.logprobs import chat_logprobs, completion_logprobs
+from reprise.server.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs
 from reprise.server.protocol import CacheReport, Usage
 from reprise.server.serving import Job, Serving
 
@@ -43,6 +43,8 @@ def response_body(serving: Serving, job: Job, outputs: list[RequestOutput]) -> d
             choices.append({"index": index, "text": echo + output.text,
                             "logprobs": _completion_logprobs(serving, job, output, echo=bool(echo)),
                             "finish_reason": _reason(output, False)})
+        if output.prompt_logprobs is not None and not job.echo:     # vLLM's field, per choice
+            choices[-1]["prompt_logprobs"] = prompt_logprobs(tokenizer, output.prompt_logprobs)
     body = _envelope(job, "chat.completion" if job.chat else "text_completion", choices)
     body["usage"] = Usage.of(outputs, job.n).model_dump()
     if job.cache_report:

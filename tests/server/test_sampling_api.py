@@ -94,3 +94,18 @@ def test_penalties_change_a_repetitive_greedy_reply(client):
                                                frequency_penalty=2.0, presence_penalty=2.0)
     assert penalized.choices[0].message.content != plain.choices[0].message.content
     assert penalized.choices[0].message.content.count("cat") < plain.choices[0].message.content.count("cat")
+
+
+def test_prompt_logprobs_score_every_prompt_token(client, http, fresh_prompt):
+    prompt = fresh_prompt(6)
+    ids = http.post("/tokenize", json={"prompt": prompt}).json()["tokens"]
+    reply = client.completions.create(model="default", prompt=prompt, temperature=0, max_tokens=1,
+                                      extra_body={"prompt_logprobs": 2})
+    scored = reply.choices[0].model_extra["prompt_logprobs"]
+    assert len(scored) == 6 and scored[0] is None
+    for token, entry in zip(ids[1:], scored[1:]):
+        assert str(token) in entry and len(entry) in (2, 3)          # the token itself, then the top 2
+        assert all(value["logprob"] <= 0 for value in entry.values())
+    echoed = client.completions.create(model="default", prompt=prompt, temperature=0, max_tokens=1, echo=True,
+                                       logprobs=2)
+    assert echoed.choices[0].logprobs.token_logprobs[1:6] == [scored[i][str(ids[i])]["logprob"] for i in range(1, 6)]
