@@ -39,7 +39,7 @@ class ChatTemplates:
 
     def __init__(self, tokenizer: Tokenizer, config: ServerConfig):
         self.tokenizer = tokenizer
-        self.template = Path(config.chat_template).read_text() if config.chat_template else tokenizer.chat_template
+        self.template = _read_template(config.chat_template) if config.chat_template else tokenizer.chat_template
         self.tool_format = choose_tool_format(self.template, config.tool_call_parser)
         self.reasoning = choose_reasoning_parser(self.template, config.reasoning_parser)
         # a call marker that is a special token (Mistral's [TOOL_CALLS]) must survive detokenizing
@@ -138,6 +138,13 @@ class ChatTurn:
         computed = output.prompt_token_ids + output.token_ids[:-1]     # the last token has no KV
         diverges = common_prefix_length(following, computed) < min(len(following), len(computed))
         return following if diverges else None
+
+
+def _read_template(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read --chat-template {path}: {error}") from error
 
 
 def _is_special(tokenizer: Tokenizer, text: str) -> bool:
