@@ -26,6 +26,7 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="hybrid models: tokens between recurrent-state checkpoints in the prefix cache")
     parser.add_argument("--max-pinned-fraction", type=float, default=0.5,
                         help="of the KV pool, the blocks one tenant may pin (cache_control ttl, prompt_cache_retention)")
+    parser.add_argument("--inject-fault-every", type=int, default=None, help=argparse.SUPPRESS)   # tests only
     parser.add_argument("--speculative", default=None, choices=SPECULATIVE_METHODS,
                         help="speculative decoding: ngram drafts tokens by prompt lookup (off by default)")
     parser.add_argument("--spec-tokens", type=int, default=4, help="speculative: draft tokens per step at most")
@@ -40,7 +41,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         max_model_len=args.max_model_len, seed=args.seed,
                         checkpoint_interval=args.checkpoint_interval, speculative=args.speculative,
                         spec_tokens=args.spec_tokens, spec_ngram_max=args.spec_ngram_max,
-                        spec_ngram_min=args.spec_ngram_min, max_pinned_fraction=args.max_pinned_fraction)
+                        spec_ngram_min=args.spec_ngram_min, max_pinned_fraction=args.max_pinned_fraction,
+                        inject_fault_every=args.inject_fault_every)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -51,3 +51,4 @@ class EngineConfig:
     spec_ngram_max: int = 3                  # longest suffix looked up earlier in the sequence
     spec_ngram_min: int = 1                  # shortest one tried before giving up on drafting
     max_pinned_fraction: float = 0.5         # of the KV pool, the blocks one tenant may pin (retention)
+    inject_fault_every: int | None = None    # tests only: every Nth batch raises (fault containment)

@@ -12,7 +12,7 @@ import queue
 import threading
 import uuid
 
-from reprise.engine.engine import Engine
+from reprise.engine.engine import BatchFailed, Engine
 from reprise.engine.request import RequestOutput, SamplingParams
 
 log = logging.getLogger("reprise")
@@ -20,6 +20,10 @@ log = logging.getLogger("reprise")
 
 class EngineDead(RuntimeError):
     """The engine thread failed; the message says why."""
+
+
+class RequestFailed(RuntimeError):
+    """The batch running this request failed (its blocks are freed); the engine goes on."""
 
 
 class RequestStream:
@@ -140,6 +144,11 @@ class AsyncEngine:
             try:
                 with self._lock:
                     outputs = self.engine.step()
+            except BatchFailed as failed:       # its requests are ended; the rest go on
+                log.error("a batch failed, its %d requests end with an error: %s", len(failed.outputs), failed)
+                for output in failed.outputs:
+                    self._fail(output.request_id, RequestFailed(f"generation failed: {failed}"))
+                continue
             except Exception as error:          # noqa: BLE001 - a failed step must not hang clients
                 log.exception("engine step failed")
                 self._fail_all(EngineDead(f"engine step failed: {error}"))
@@ -186,6 +195,11 @@ class AsyncEngine:
             self._streams.pop(output.request_id, None)
         if target is not None:
             _post(*target, output)
+
+    def _fail(self, request_id: str, error: Exception) -> None:
+        target = self._streams.pop(request_id, None)
+        if target is not None:
+            _post(*target, error)
 
     def _fail_all(self, dead: EngineDead) -> None:
         """Tells every client, then aborts their requests so their blocks go back to the pool."""

@@ -30,6 +30,14 @@ DEFAULT_KV_CAP = 4 * 2**30
 STATE_FRACTION = 4              # hybrid models: recurrent-state slots get up to 1/4 of --kv-cache-bytes
 
 
+class BatchFailed(RuntimeError):
+    """A batch raised: `outputs` are the finished (aborted) outputs of its requests."""
+
+    def __init__(self, outputs: list[RequestOutput], error: BaseException):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.outputs = outputs
+
+
 @dataclass(frozen=True)
 class EngineStats:
     num_running: int
@@ -96,6 +104,7 @@ class Engine:
                                   self.device, self.dtype, sampler, num_state_slots)
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._num_steps = 0
 
     def _num_state_slots(self, layout) -> int:
         """Hybrid models: a working slot per running sequence plus checkpoints, within a quarter of
@@ -162,13 +171,32 @@ class Engine:
         return self.scheduler.has_work
 
     def step(self) -> list[RequestOutput]:
+        """Runs one batch. If its forward or sampling raises, its requests are ended (their blocks
+        freed, what they had computed before the batch kept in the cache) and BatchFailed carries
+        their outputs; every other request is untouched and the next step goes on."""
         plan = self.scheduler.schedule()
         if plan.empty:
             return []
-        sampled, prompt_logprobs = self.runner.execute(plan)
+        try:
+            self._inject_fault()
+            sampled, prompt_logprobs = self.runner.execute(plan)
+        except Exception as error:
+            raise BatchFailed([self._fail(request) for request in plan.requests], error) from error
         self._record_logprobs(plan, sampled, prompt_logprobs)
         advanced = self.scheduler.update(plan, [s.token_ids for s in sampled])
         return [self._advance(request, num_new) for request, num_new in advanced]
+
+    def _fail(self, request: Request) -> RequestOutput:
+        self.scheduler.fail(request)
+        return self._emit(request, "", [])
+
+    def _inject_fault(self) -> None:
+        """--inject-fault-every N (tests only): every Nth batch fails."""
+        every = self.config.inject_fault_every
+        if every:
+            self._num_steps += 1
+            if self._num_steps % every == 0:
+                raise RuntimeError(f"injected fault in batch {self._num_steps}")
 
     def _record_logprobs(self, plan, sampled: list[Sampled], prompt_logprobs: list[PromptLogprobs]) -> None:
         """Files the step's logprobs with their requests (sampled: in the runner's sampling order)."""

@@ -67,6 +67,10 @@ class StepPlan:
     def empty(self) -> bool:
         return not self.prefills and not self.decodes and not self.verifies
 
+    @property
+    def requests(self) -> list[Request]:
+        return [item.request for item in (*self.prefills, *self.verifies)] + list(self.decodes)
+
 
 def cpu_has_bf16() -> bool:
     try:

@@ -262,8 +262,16 @@ class Scheduler:
 
     def finish(self, request: Request, reason: FinishReason) -> None:
         """Ends a request, running or waiting; what it computed goes into the prefix cache."""
+        self._end(request, reason, request.all_ids[:request.num_computed], request.pins)
+
+    def fail(self, request: Request) -> None:
+        """Ends a request whose batch raised. Nothing since its last commit is trusted (a recurrent
+        layer advances its state in place), so only what it had committed stays cached."""
+        self._end(request, FinishReason.ABORT, (), ())
+
+    def _end(self, request: Request, reason: FinishReason, cached_ids, pins) -> None:
         if request.status is RequestStatus.RUNNING:
-            self.cache.release(request.cache, request.all_ids[:request.num_computed], request.pins)
+            self.cache.release(request.cache, cached_ids, pins)
             request.cache = None
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING:

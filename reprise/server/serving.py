@@ -20,7 +20,7 @@ from pathlib import Path
 from reprise.chat.continuity import ReplyMemory
 from reprise.chat.grammar import GrammarError
 from reprise.chat.spec import GuidedSpec
-from reprise.engine.async_engine import AsyncEngine, EngineDead, RequestStream
+from reprise.engine.async_engine import AsyncEngine, EngineDead, RequestFailed, RequestStream
 from reprise.engine.request import FinishReason, RequestOutput, SamplingParams
 from reprise.server.chat_turn import ChatTemplates, ChatTurn
 from reprise.server.config import ServerConfig, tenant_cache_salt
@@ -38,7 +38,8 @@ log = logging.getLogger("reprise")
 class Job:
     """One API request, ready to run: one engine request per choice (`n` choices of each prompt,
     in a row). `turn` is set for chat completions; `echo` (text completions) holds each prompt's
-    text when it is echoed."""
+    text when it is echoed; `pins` are the retention the client asked for (Anthropic's
+    cache_control, OpenAI's prompt_cache_retention), for every prompt of the job."""
 
     id: str
     created: int
@@ -52,6 +53,7 @@ class Job:
     cache_report: bool
     turn: ChatTurn | None = None
     echo: list[str] | None = None
+    pins: tuple[tuple[int, float], ...] = ()    # (num_tokens, ttl_seconds) prefixes to keep pinned
 
     @property
     def chat(self) -> bool:
@@ -193,7 +195,8 @@ class Serving:
         streams: list[RequestStream] = []
         try:
             for index, (prompt_ids, params) in enumerate(zip(job.prompts, job.params)):
-                streams.append(self.async_engine.generate(prompt_ids, params, job.salt, job.request_id(index)))
+                streams.append(self.async_engine.generate(prompt_ids, params, job.salt, job.request_id(index),
+                                                          pins=job.pins))
         except (ValueError, EngineDead) as error:
             for stream in streams:
                 stream.close()
@@ -236,6 +239,8 @@ class Serving:
                 merged.put_nowait((index, output))
         except ValueError as error:     # the engine refused the add (it raises before any output)
             merged.put_nowait((index, APIError(400, str(error), "prompt")))
+        except (RequestFailed, EngineDead) as error:     # our own messages: they quote no input
+            merged.put_nowait((index, APIError(503, str(error), code="generation_failed")))
         except Exception as error:      # noqa: BLE001 - handed to the consumer, which raises it
             merged.put_nowait((index, error))
         finally:
