@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+	# the dashboard's browser tests drive a headless Chromium (Debian's package)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
 serve: $(STAMP)
 	$(VENV)/bin/reprise serve $(ARGS)

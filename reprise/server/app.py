@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from reprise.engine.async_engine import AsyncEngine, RequestStream
 from reprise.server.config import ServerConfig
+from reprise.server.dashboard import install_dashboard
 from reprise.server.errors import APIError, install_error_handlers
 from reprise.server.metrics import CONTENT_TYPE, ServerMetrics
 from reprise.server.middleware import TENANT_SALT, BearerAuth, BodyLimit
@@ -58,6 +59,8 @@ def create_app(async_engine: AsyncEngine, config: ServerConfig = ServerConfig())
     @app.get("/version")
     async def version() -> dict:
         return {"version": __version__}
+
+    install_dashboard(app, async_engine, serving.ledger, config)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:

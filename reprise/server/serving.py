@@ -24,6 +24,7 @@ from reprise.engine.async_engine import AsyncEngine, EngineDead, RequestFailed, 
 from reprise.engine.request import FinishReason, RequestOutput, SamplingParams
 from reprise.server.chat_turn import ChatTemplates, ChatTurn
 from reprise.server.config import ServerConfig, tenant_cache_salt
+from reprise.server.dashboard.ledger import RequestLedger
 from reprise.server.errors import APIError
 from reprise.server.metrics import ServerMetrics
 from reprise.server.protocol import (CacheLookupRequest, CacheReport, ChatCompletionRequest, CompletionRequest,
@@ -75,6 +76,7 @@ class Serving:
         self.metrics = metrics
         self.config = config
         self.replies = ReplyMemory()
+        self.ledger = RequestLedger()           # finished requests, for the dashboard
         self.chats = ChatTemplates(self.tokenizer, config)
         self._background: set[asyncio.Task] = set()
         self.model_name = config.served_model_name or engine.model_config.name or _stem(engine.model_path)
@@ -248,6 +250,7 @@ class Serving:
 
     def _finished(self, job: Job, index: int, output: RequestOutput) -> None:
         self.metrics.observe(output)
+        self.ledger.record(job.salt, output)
         if job.turn is None or output.finish_reason is FinishReason.ABORT:
             return
         stop_ids = self.tokenizer.eos_token_ids | set(job.params[index].stop_token_ids)
