@@ -13,6 +13,10 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="compute dtype (default: bfloat16 where the CPU has native bf16 matmul, else float32)")
+    parser.add_argument("--weights", default=None, choices=["native", "bfloat16", "float32"],
+                        help="native keeps GGUF weights quantized (Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K; other types "
+                             "are dequantized); bfloat16/float32 dequantize every weight at load "
+                             "(default: native for GGUF on CPU in bfloat16)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--kv-cache-bytes", type=parse_bytes, default=None,
                         help="KV pool budget, e.g. 512MiB or 4GiB (default: 20%% of available memory, at most 4GiB)")
@@ -35,7 +39,8 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(model=args.model, dtype=args.dtype, device=args.device, kv_cache_bytes=args.kv_cache_bytes,
+    return EngineConfig(model=args.model, dtype=args.dtype, weights=args.weights, device=args.device,
+                        kv_cache_bytes=args.kv_cache_bytes,
                         block_size=args.block_size, prefix_cache=not args.no_prefix_cache,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         max_model_len=args.max_model_len, seed=args.seed,

@@ -37,6 +37,8 @@ class EngineConfig:
 
     model: str | None = None                 # GGUF file or HF directory; None = SmolLM2-135M-Instruct
     dtype: str | None = None                 # "bfloat16" | "float16" | "float32"
+    weights: str | None = None               # "native" (GGUF kept quantized) | "bfloat16" | "float32"; None = native
+                                             # for GGUF on CPU in bfloat16, else the compute dtype
     device: str | None = None                # "cpu" | "cuda"; None = cuda when available
     kv_cache_bytes: int | None = None        # KV pool budget; None = a fraction of free memory
     block_size: int = 16                     # tokens per KV block

@@ -10,7 +10,9 @@ from reprise.chat.continuity import ReplyMemory, chat_prompt_ids, reply_ids
 
 
 class LLM:
-    """`LLM(model=None)` loads the default model; `generate` runs prompts to completion, batched."""
+    """`LLM(model=None)` loads the default model; `generate` runs prompts to completion, batched.
+
+    `options` are further EngineConfig fields, e.g. `weights="native" | "bfloat16" | "float32"`."""
 
     def __init__(self, model: str | None = None, dtype: str | None = None, kv_cache_bytes: int | str | None = None,
                  prefix_cache: bool = True, **options):
@@ -19,6 +21,11 @@ class LLM:
                                           **options))
         self.tokenizer = self.engine.tokenizer
         self.replies = ReplyMemory()
+
+    @property
+    def weights_bytes(self) -> int:
+        """Resident bytes of the model's weights (quantized blocks and scales, or dense tensors)."""
+        return self.engine.weights_bytes
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  params: SamplingParams | None = None, salt: str | None = None) -> list[RequestOutput]:

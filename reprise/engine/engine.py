@@ -20,11 +20,13 @@ from reprise.engine.speculative import SPECULATIVE_METHODS, NgramDrafter
 from reprise.loader import load_model
 from reprise.models import build_model
 from reprise.models.layers.gated_delta import RECURRENT_CHUNK
+from reprise.models.layers.quant import weights_bytes
 
 log = logging.getLogger("reprise")
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float32": torch.float32, "fp32": torch.float32}
+_DENSE_WEIGHTS = ("bfloat16", "float32")      # --weights choices that dequantize at load (into that compute dtype)
 DEFAULT_KV_FRACTION = 0.2       # of available memory, when --kv-cache-bytes is not given
 DEFAULT_KV_CAP = 4 * 2**30
 STATE_FRACTION = 4              # hybrid models: recurrent-state slots get up to 1/4 of --kv-cache-bytes
@@ -46,6 +48,8 @@ class EngineStats:
     cache: CacheStats
     num_draft_tokens: int = 0        # speculative decoding: tokens proposed and verified
     num_accepted_tokens: int = 0     # of those, the ones the model agreed with
+    weights_bytes: int = 0           # the model's weights as held (quantized or dense)
+    kv_pool_bytes: int = 0           # KV blocks and recurrent-state slots, reserved; RAM is taken as pages are written
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -54,6 +58,20 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r} (use one of bfloat16, float16, float32)")
     return _DTYPES[name]
+
+
+def resolve_weights(weights: str | None, dtype: str | None, compute_dtype: torch.dtype, is_gguf: bool,
+                    device: torch.device) -> bool:
+    """Whether GGUF weights stay quantized. The default is yes when the compute dtype is bfloat16 (the
+    kernels round activations to it); "native" asks for it in any dtype. The int4 kernels are CPU ones:
+    elsewhere, and for model directories, "native" means the stored floats in the compute dtype. A dense
+    choice is the compute dtype too, so it cannot contradict --dtype."""
+    if weights not in (None, "native", *_DENSE_WEIGHTS):
+        raise ValueError(f"unknown weights {weights!r} (use one of native, bfloat16, float32)")
+    if weights in _DENSE_WEIGHTS and dtype is not None and _DTYPES.get(dtype) != _DTYPES[weights]:
+        raise ValueError(f"weights={weights} with dtype={dtype}: dequantized weights are kept in the compute dtype")
+    wanted = weights == "native" or (weights is None and compute_dtype == torch.bfloat16)
+    return wanted and is_gguf and device.type == "cpu"
 
 
 def default_kv_bytes() -> int:
@@ -70,12 +88,15 @@ class Engine:
     def __init__(self, config: EngineConfig = EngineConfig()):
         self.config = config
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        dense = config.weights if config.weights in _DENSE_WEIGHTS else None
+        self.dtype = resolve_dtype(config.dtype or dense, self.device)
         loaded = load_model(config.model)
         self.model_config, self.tokenizer, self.model_path = loaded.config, loaded.tokenizer, loaded.path
+        self.native_weights = resolve_weights(config.weights, config.dtype, self.dtype, loaded.is_gguf, self.device)
         model = build_model(self.model_config)
-        model.load_weights(loaded.weights())
+        model.load_weights(loaded.weights(native=self.native_weights))
         model.to(device=self.device, dtype=self.dtype).eval()
+        self.weights_bytes = weights_bytes(model)
         self.block_size = config.block_size
         self.kv_cache_bytes = config.kv_cache_bytes or default_kv_bytes()
         layout = model.cache_layout
@@ -102,6 +123,7 @@ class Engine:
                           self.device)
         self.runner = ModelRunner(model, self.model_config, self.num_blocks, self.block_size, self.max_model_len,
                                   self.device, self.dtype, sampler, num_state_slots)
+        self.kv_pool_bytes = self.runner.kv.nbytes + sum(states.nbytes for states in self.runner.states)
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._num_steps = 0
@@ -260,4 +282,5 @@ class Engine:
     def stats(self) -> EngineStats:
         scheduler = self.scheduler
         return EngineStats(len(scheduler.running), len(scheduler.waiting), scheduler.num_preemptions,
-                           self.cache.stats, scheduler.num_draft_tokens, scheduler.num_accepted_tokens)
+                           self.cache.stats, scheduler.num_draft_tokens, scheduler.num_accepted_tokens,
+                           self.weights_bytes, self.kv_pool_bytes)

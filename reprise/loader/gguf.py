@@ -17,10 +17,11 @@ from tqdm import tqdm
 
 from reprise.loader.errors import LoadError
 from reprise.models.config import ModelConfig
+from reprise.models.layers.quant import NATIVE_TYPES, GGMLTensor
 
 # llama.cpp writes Mistral models as "llama" (its converter has no mistral architecture, and
 # no sliding window: it attends to the whole context, and so do we for these files)
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 
 _TOP_LEVEL = {
     "token_embd": "model.embed_tokens",
@@ -40,6 +41,11 @@ _PER_LAYER = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 3 has four norms per layer; llama.cpp names the one before the MLP as llama's second norm
+_GEMMA3_LAYER = {**_PER_LAYER, "post_attention_norm": "post_attention_layernorm",
+                 "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+# What llama.cpp assumes for Gemma 3 when the file does not say: every 6th layer full, local RoPE base 10000
+_GEMMA3_PERIOD, _GEMMA3_LOCAL_BASE, _GEMMA3_27B_LAYERS = 6, 10000.0, 62
 _ROPE_FREQS = "rope_freqs.weight"      # Llama 3 rope scaling, folded into the config
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _MISSING = object()
@@ -101,35 +107,60 @@ def gguf_config(reader: gguf.GGUFReader, path: str) -> ModelConfig:
         bos_token_id=read_field(reader, "tokenizer.ggml.bos_token_id", path, None),
         eos_token_ids=tuple(dict.fromkeys(i for i in eos_ids if i is not None)),
         name=os.path.basename(path).removesuffix(".gguf"),
+        **(_gemma3_fields(key, hidden_size, num_heads, head_dim) if arch == "gemma3" else {}),
     )
 
 
+def _gemma3_fields(key, hidden_size: int, num_heads: int, head_dim: int) -> dict:
+    """Gemma 3's sliding-window layout, local RoPE base, attention scale and softcap, as llama.cpp reads
+    them: metadata where the converter writes it, llama.cpp's built-in values where it does not (the
+    attention scale is 1/sqrt(hidden / heads) for the 62-layer 27B model, 1/sqrt(head_dim) otherwise)."""
+    num_layers = key("block_count")
+    pattern = key("attention.sliding_window_pattern", _GEMMA3_PERIOD)
+    if isinstance(pattern, int):
+        pattern = [(i + 1) % pattern != 0 for i in range(num_layers)]
+    scalar = hidden_size // num_heads if num_layers == _GEMMA3_27B_LAYERS else head_dim
+    scale = key("attention.scale", None)
+    return dict(
+        sliding_window=key("attention.sliding_window", None), hidden_act="gelu_pytorch_tanh",
+        layer_types=tuple("sliding_attention" if sliding else "full_attention" for sliding in pattern),
+        rope_local_base_freq=float(key("rope.freq_base_swa", _GEMMA3_LOCAL_BASE)),
+        query_pre_attn_scalar=float(scale ** -2 if scale else scalar),
+        final_logit_softcapping=key("final_logit_softcapping", None))
+
+
 def gguf_weights(reader: gguf.GGUFReader, config: ModelConfig,
-                 path: str) -> Callable[[], Iterator[tuple[str, torch.Tensor]]]:
-    """A function yielding (HF name, float32 tensor), dequantizing one tensor at a time.
+                 path: str) -> Callable[..., Iterator[tuple[str, torch.Tensor | GGMLTensor]]]:
+    """A function yielding (HF name, float32 tensor), dequantizing one tensor at a time; called with
+    `native=True`, 2-D weights of a type in NATIVE_TYPES come as GGMLTensor (their blocks, rows in HF
+    order) instead.
 
     Names and quantization types are checked here, before any weight is read, so a bad file
     fails at load time rather than halfway through the weights.
     """
-    named = [(t, _hf_name(t.name, path)) for t in reader.tensors if t.name != _ROPE_FREQS]
+    named = [(t, _hf_name(t.name, config.architecture, path)) for t in reader.tensors if t.name != _ROPE_FREQS]
     _check_quant_types(t for t, _ in named)
 
-    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(native: bool = False) -> Iterator[tuple[str, torch.Tensor | GGMLTensor]]:
         for tensor, name in tqdm(named, desc="loading weights", unit="tensor"):
-            yield name, _dequantize(tensor, config)
+            if native and tensor.tensor_type in NATIVE_TYPES and len(tensor.shape) == 2:
+                yield name, _blocks(tensor, config)
+            else:
+                yield name, _dequantize(tensor, config)
     return weights
 
 
-def _hf_name(gguf_name: str, path: str) -> str:
+def _hf_name(gguf_name: str, arch: str, path: str) -> str:
     """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; LoadError for names we do not know."""
     stem, _, suffix = gguf_name.rpartition(".")
     if stem in _TOP_LEVEL and suffix == "weight":
         return f"{_TOP_LEVEL[stem]}.weight"
+    per_layer = _GEMMA3_LAYER if arch == "gemma3" else _PER_LAYER
     found = _LAYER_NAME.fullmatch(gguf_name)
-    if found is None or found.group(2) not in _PER_LAYER:
+    if found is None or found.group(2) not in per_layer:
         raise LoadError(f"unexpected tensor {gguf_name} in GGUF file {path}")
     layer, part, suffix = found.groups()
-    return f"model.layers.{layer}.{_PER_LAYER[part]}.{suffix}"
+    return f"model.layers.{layer}.{per_layer[part]}.{suffix}"
 
 
 def _dequantize(tensor, config: ModelConfig) -> torch.Tensor:
@@ -141,7 +172,20 @@ def _dequantize(tensor, config: ModelConfig) -> torch.Tensor:
         return _unpermute(values, config.num_attention_heads)
     if config.architecture == "llama" and tensor.name.endswith((".attn_k.weight", ".attn_k.bias")):
         return _unpermute(values, config.num_key_value_heads)
+    if config.architecture == "gemma3" and tensor.name.endswith("norm.weight"):
+        return values - 1       # llama.cpp's converter stores Gemma's 1 + weight; ours keeps the offset
     return values
+
+
+def _blocks(tensor, config: ModelConfig) -> GGMLTensor:
+    """The stored blocks of a quantized 2-D weight, rows un-permuted like `_dequantize`'s values."""
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    blocks = torch.from_numpy(np.array(tensor.data, dtype=np.uint8).reshape(shape[0], -1))
+    if config.architecture == "llama" and tensor.name.endswith(".attn_q.weight"):
+        blocks = _unpermute(blocks, config.num_attention_heads)
+    if config.architecture == "llama" and tensor.name.endswith(".attn_k.weight"):
+        blocks = _unpermute(blocks, config.num_key_value_heads)
+    return GGMLTensor(blocks.numpy(), tensor.tensor_type, shape)
 
 
 def _unpermute(values: torch.Tensor, num_heads: int) -> torch.Tensor:

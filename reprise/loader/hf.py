@@ -92,7 +92,7 @@ def hf_config(path: str) -> ModelConfig:
         raise LoadError(f"{config_path} has no {error.args[0]!r}") from None
 
 
-def hf_weights(path: str, config: ModelConfig) -> Callable[[], Iterator[tuple[str, torch.Tensor]]]:
+def hf_weights(path: str, config: ModelConfig) -> Callable[..., Iterator[tuple[str, torch.Tensor]]]:
     """A function yielding (HF name, float32 tensor) from every safetensors file, one tensor at a time.
 
     The files' headers are read now, so a missing or unreadable shard fails at load time. A vision-language
@@ -108,7 +108,8 @@ def hf_weights(path: str, config: ModelConfig) -> Callable[[], Iterator[tuple[st
         named = ((key, _text_weight_name(key, config.tie_word_embeddings)) for key in keys)
         names += [(file, key, name) for key, name in named if name is not None]
 
-    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(native: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """`native` is accepted for symmetry with GGUF: safetensors weights are always float."""
         with ExitStack() as stack:
             handles = {}
             for file, key, name in tqdm(names, desc="loading weights", unit="tensor"):

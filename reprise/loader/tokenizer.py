@@ -12,7 +12,7 @@ import jinja2
 import jinja2.ext
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 from reprise.loader.errors import LoadError
 from reprise.loader.gguf import read_field
@@ -67,20 +67,29 @@ class Tokenizer:
     def from_gguf(cls, reader: gguf.GGUFReader, path: str) -> Tokenizer:
         """From GGUF metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`), as transformers builds it.
 
-        Only byte-level BPE vocabularies (`tokenizer.ggml.model` = gpt2) are supported.
+        `tokenizer.ggml.model` gpt2 is byte-level BPE; llama is SentencePiece BPE with byte fallback
+        (Llama 2, Mistral v0.1, Gemma), which adds BOS unless the file says otherwise.
         """
         def field(name, default=None):
             return read_field(reader, f"tokenizer.{name}", path, default)
 
-        if field("ggml.model") != "gpt2":
-            raise LoadError(f"unsupported GGUF tokenizer model {field('ggml.model')!r} in {path} (supported: gpt2)")
+        kind = field("ggml.model")
+        if kind not in ("gpt2", "llama"):
+            raise LoadError(f"unsupported GGUF tokenizer model {kind!r} in {path} (supported: gpt2, llama)")
         tokens = field("ggml.tokens")
         token_types = field("ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
-        backend = byte_level_bpe(tokens, field("ggml.merges", []), token_types, field("ggml.pre", "default"))
+        if kind == "gpt2":
+            backend = byte_level_bpe(tokens, field("ggml.merges", []), token_types, field("ggml.pre", "default"))
+        else:
+            arch = read_field(reader, "general.architecture", path)
+            unknown_id = field("ggml.unknown_token_id")
+            backend = sentencepiece_bpe(tokens, field("ggml.scores") or [0.0] * len(tokens), token_types,
+                                        arch.startswith("gemma"), field("ggml.add_space_prefix", True),
+                                        tokens[unknown_id] if unknown_id is not None else None)
         ids = {name: field(f"ggml.{key}_token_id") for name, key in
                (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding"))}
         special_tokens = {name: tokens[i] for name, i in ids.items() if i is not None and 0 <= i < len(tokens)}
-        if field("ggml.add_bos_token", False) and "bos_token" in special_tokens:
+        if field("ggml.add_bos_token", kind == "llama") and "bos_token" in special_tokens:
             bos = special_tokens["bos_token"]
             backend.post_processor = processors.TemplateProcessing(
                 single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 $B:1", special_tokens=[(bos, ids["bos_token"])])
@@ -175,6 +184,51 @@ def byte_level_bpe(tokens: list[str], merges: list[str], token_types: list[int],
     backend.add_tokens([AddedToken(t, normalized=False, special=False) for t, kind in kinds
                         if kind == TOKEN_USER_DEFINED and t in vocab])
     return backend
+
+
+def sentencepiece_bpe(tokens: list[str], scores: list[float], token_types: list[int], gemma: bool,
+                      add_space_prefix: bool, unknown: str | None) -> tokenizers.Tokenizer:
+    """SentencePiece BPE with byte fallback from llama.cpp's arrays, as transformers rebuilds it.
+
+    The file has no merges: they are recovered from the vocabulary (every split of a token into two
+    tokens), ranked by the token's score, or for Gemma by its position (Gemma's scores do not follow
+    its merge order). Llama marks spaces with Metaspace ("▁", a prefix on the first piece only);
+    Gemma replaces spaces and adds no prefix, and spells its runs of spaces as real spaces in GGUF.
+    """
+    if gemma:
+        tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    ranks = {t: -i for i, t in enumerate(tokens)} if gemma else dict(zip(tokens, scores))
+    backend = tokenizers.Tokenizer(models.BPE(vocab, _recovered_merges(vocab, ranks), fuse_unk=True,
+                                              byte_fallback=True, unk_token=unknown if gemma else None))
+    space = decoders.Replace("\u2581", " ")
+    if gemma:
+        backend.normalizer = normalizers.Replace(" ", "\u2581")
+        backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        backend.decoder = decoders.Sequence([space, decoders.ByteFallback(), decoders.Fuse()])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="\u2581", prepend_scheme="first" if add_space_prefix else "never", split=False)
+        strip = [decoders.Strip(content=" ", left=1)] if add_space_prefix else []
+        backend.decoder = decoders.Sequence([space, decoders.ByteFallback(), decoders.Fuse(), *strip])
+    kinds = list(zip(tokens, token_types))
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, kind in kinds
+                                if kind == TOKEN_CONTROL])
+    backend.add_tokens([AddedToken(t, normalized=False, special=False) for t, kind in kinds
+                        if kind == TOKEN_USER_DEFINED])
+    return backend
+
+
+def _recovered_merges(vocab: dict[str, int], ranks: dict[str, float]) -> list[tuple[str, str]]:
+    """Merges implied by a vocabulary: each split of a token into two tokens, best-ranked token first,
+    ties broken by the pieces' lengths (transformers' generate_merges)."""
+    merges = []
+    for token, rank in ranks.items():
+        pairs = [(token[:i], token[i:], rank) for i in range(1, len(token))
+                 if token[:i] in vocab and token[i:] in vocab]
+        merges += sorted(pairs, key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+    merges.sort(key=lambda pair: (pair[2], len(pair[0]), len(pair[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
 
 
 @lru_cache(maxsize=1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from reprise.cache.layout import LayerKind
@@ -21,7 +20,7 @@ from reprise.models.layers.batch import ForwardBatch
 from reprise.models.layers.mlp import MLP
 from reprise.models.layers.norm import OffsetRMSNorm
 from reprise.models.layers.rope import RotaryEmbedding
-from reprise.models.layers.weights import load_weights
+from reprise.models.layers.weights import head_logits, load_weights
 
 
 class DecoderLayer(nn.Module):
@@ -68,8 +67,7 @@ class Gemma3ForCausalLM(nn.Module):
         for layer, kv_cache in zip(self.layers, caches):
             x = layer(x, ropes, kv_cache, batch)
         x = self.norm(x[logits_indices])
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, head).float()
+        logits = head_logits(self, x).float()
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from reprise.cache.layout import LayerKind
@@ -20,7 +19,7 @@ from reprise.models.layers.batch import ForwardBatch
 from reprise.models.layers.mlp import MLP
 from reprise.models.layers.norm import RMSNorm
 from reprise.models.layers.rope import RotaryEmbedding
-from reprise.models.layers.weights import load_weights
+from reprise.models.layers.weights import head_logits, load_weights
 
 
 class DecoderLayer(nn.Module):
@@ -57,8 +56,7 @@ class LlamaForCausalLM(nn.Module):
         for layer, kv_cache in zip(self.layers, caches):
             x = layer(x, rope, kv_cache, attention)
         x = self.norm(x[logits_indices])
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float()
+        return head_logits(self, x).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_weights(self, weights)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from reprise.cache.layout import LayerKind
@@ -20,7 +19,7 @@ from reprise.models.layers.gated_delta import GatedDeltaNet
 from reprise.models.layers.mlp import MLP
 from reprise.models.layers.norm import OffsetRMSNorm
 from reprise.models.layers.rope import RotaryEmbedding
-from reprise.models.layers.weights import load_weights
+from reprise.models.layers.weights import head_logits, load_weights
 
 
 class DecoderLayer(nn.Module):
@@ -64,8 +63,7 @@ class Qwen3_5ForCausalLM(nn.Module):
         for layer, cache in zip(self.layers, caches):
             x = layer(x, rope, cache, batch)
         x = self.norm(x[logits_indices])
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float()
+        return head_logits(self, x).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_weights(self, weights)

@@ -61,6 +61,10 @@ class EngineCollector:
         yield CounterMetricFamily("reprise:spec_decode_accepted_tokens",
                                   "Speculative draft tokens the model agreed with (accepted).",
                                   value=stats.num_accepted_tokens)
+        yield GaugeMetricFamily("reprise:weights_bytes", "Bytes of the model's weights as held in memory "
+                                "(quantized blocks and scales with native GGUF weights).", value=stats.weights_bytes)
+        yield GaugeMetricFamily("reprise:kv_pool_bytes", "Bytes reserved for the KV pool and recurrent states; "
+                                "on CPU, pages cost RAM only once written.", value=stats.kv_pool_bytes)
         yield GaugeMetricFamily("reprise:num_requests_running", "Requests in the running batch.",
                                 value=stats.num_running)
         yield GaugeMetricFamily("reprise:num_requests_waiting", "Requests waiting to be admitted.",

@@ -73,6 +73,8 @@ def banner(engine: Engine, model_name: str, server: ServerConfig) -> str:
     lines = [
         f"reprise serving {model_name} ({engine.model_path})",
         f"  dtype {dtype} on {engine.device}, context {engine.max_model_len} tokens{speculative}",
+        f"  weights {format_bytes(engine.weights_bytes)} ({'GGUF quantized' if engine.native_weights else 'dense'}), "
+        f"KV pool {format_bytes(engine.kv_pool_bytes)} reserved (RAM taken as blocks fill)",
         f"  KV pool {engine.num_blocks} blocks x {engine.block_size} tokens = {pool_tokens} tokens "
         f"({format_bytes(engine.kv_cache_bytes)})",
         f"  prefix cache {'on' if engine.config.prefix_cache else 'off'}{keys}{salted}",

@@ -55,13 +55,28 @@ def tiny_vocab() -> tuple[list[str], list[int]]:
     return tokens, [1] * (len(tokens) - 2) + [3, 3]
 
 
+# SentencePiece pieces after <unk>, <s>, </s>, <start_of_turn>, 256 byte tokens and the letters; higher
+# scores merge first. "  " (two spaces) is how Gemma's GGUF spells a whitespace run; <think> is user-defined.
+SPM_PIECES = ("\u2581t", "he", "\u2581the", "in", "\u2581in", "ng", "ing", "\u2581a", "an", "\u2581an", "  ", "<think>")
+
+
+def spm_vocab() -> tuple[list[str], list[float], list[int]]:
+    """A small SentencePiece vocabulary as llama.cpp writes it: (tokens, scores, token types)."""
+    letters = ["\u2581", *"abcdefghijklmnopqrstuvwxyz"]
+    tokens = ["<unk>", "<s>", "</s>", "<start_of_turn>", *(f"<0x{b:02X}>" for b in range(256)), *letters, *SPM_PIECES]
+    types = [2, 3, 3, 3, *[6] * 256, *[1] * (len(letters) + len(SPM_PIECES) - 1), 4]
+    scores = [0.0] * 260 + [-100.0 - i for i in range(len(letters))] + [-1.0 - i for i in range(len(SPM_PIECES))]
+    return tokens, scores, types
+
+
 VOCAB = len(tiny_vocab()[0])          # 256 bytes, 4 merges, 2 specials: <|im_start|> 260, <|im_end|> 261
 
 
 def write_gguf(path: str, arch: str, tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType | None]], *,
                num_layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, head_dim: int | None = None,
-               pre: str = "qwen2", rope_theta: float = 10000.0, metadata=None) -> str:
-    """A complete small GGUF: `tensors` maps GGUF names to (numpy data, raw type or None for F32/F16/F64)."""
+               pre: str = "qwen2", rope_theta: float = 10000.0, metadata=None, spm: bool = False) -> str:
+    """A complete small GGUF: `tensors` maps GGUF names to (numpy data, raw type or None for F32/F16/F64).
+    The vocabulary is tiny_vocab's byte-level BPE, or with `spm` spm_vocab's SentencePiece one."""
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(num_layers)
     writer.add_context_length(512)
@@ -74,14 +89,24 @@ def write_gguf(path: str, arch: str, tensors: dict[str, tuple[np.ndarray, gguf.G
     if head_dim is not None:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    tokens, types = tiny_vocab()
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(list(TINY_MERGES))
-    writer.add_bos_token_id(len(tokens) - 2)
-    writer.add_eos_token_id(len(tokens) - 1)
+    if spm:
+        tokens, scores, types = spm_vocab()
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_unk_token_id(0)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+    else:
+        tokens, types = tiny_vocab()
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(list(TINY_MERGES))
+        writer.add_bos_token_id(len(tokens) - 2)
+        writer.add_eos_token_id(len(tokens) - 1)
     writer.add_chat_template(CHATML)
     for key, value in (metadata or {}).items():
         key = key.format(arch=arch)

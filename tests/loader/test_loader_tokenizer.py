@@ -7,6 +7,7 @@ import os
 import jinja2
 import numpy as np
 import pytest
+import gguf
 from gguf import GGMLQuantizationType as Q
 
 from reprise.loader import Tokenizer, load_model
@@ -188,3 +189,20 @@ def test_no_template_is_a_clear_error(reference_tokenizer):
     tokenizer = Tokenizer(reference_tokenizer.backend_tokenizer, {})
     with pytest.raises(ValueError, match="no chat template"):
         tokenizer.render_chat([{"role": "user", "content": "hi"}])
+
+
+SPM_TEXTS = ("the thing", " the  in", "an ant\nin a tin", "héllo 日本", "<start_of_turn>the<think>", "", "   ")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_sentencepiece_gguf_tokenizer_matches_transformers(arch, tmp_path):
+    from transformers import AutoTokenizer
+    path = write_gguf(str(tmp_path / f"{arch}.gguf"), arch, {}, num_layers=1, hidden=64, heads=4, kv_heads=4,
+                      ffn=64, spm=True)
+    ours = Tokenizer.from_gguf(gguf.GGUFReader(path), path)
+    reference = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=os.path.basename(path))
+    for text in SPM_TEXTS:
+        expected = reference.encode(text, add_special_tokens=False)
+        assert ours.encode(text) == expected, text
+        assert ours.encode(text, add_special_tokens=True) == reference.encode(text), text
+        assert ours.decode(expected) == reference.decode(expected), text

@@ -1,0 +1,174 @@
+"""Native GGUF weights: the int4 plane repacking is exact, the kernel's error is bfloat16's, and models
+served from quantized weights match the dequantized reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from reprise import LLM, SamplingParams
+from reprise.config import EngineConfig
+from reprise.engine.engine import Engine, resolve_weights
+from reprise.models.layers.quant import (GROUP, NATIVE_TYPES, GGMLTensor, QuantizedEmbedding, QuantizedLinear,
+                                         SharedEmbedding, _planes)
+from tests.loader.loader_testing import FFN, HEADS, HIDDEN, KV_HEADS, encode_as, tiny_qwen2_tensors, write_gguf
+from tests.models.helpers import engine_logits
+
+NATIVE = sorted(NATIVE_TYPES, key=lambda qtype: qtype.name)
+
+
+def quantized(qtype: Q, rows: int = 64, cols: int = 256, seed: int = 0) -> GGMLTensor:
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal((rows, cols)).astype(np.float32)
+    return GGMLTensor(encode_as(values, qtype, rng), qtype, (rows, cols))
+
+
+@pytest.mark.parametrize("qtype", NATIVE, ids=lambda q: q.name)
+def test_planes_reconstruct_the_dequantized_weight_exactly(qtype):
+    weight = quantized(qtype)
+    levels, scales, zeros = _planes(weight)
+    cols = weight.shape[1]
+    rebuilt = torch.zeros(weight.shape)
+    for plane in range(levels.shape[1] // cols):
+        groups = slice(plane * cols // GROUP, (plane + 1) * cols // GROUP)
+        q = levels[:, plane * cols:(plane + 1) * cols].float()
+        scale, zero = scales[:, groups].repeat_interleave(GROUP, 1), zeros[:, groups].repeat_interleave(GROUP, 1)
+        rebuilt += (q - 8) * scale + zero
+    assert levels.min() >= 0 and levels.max() <= 15
+    assert torch.equal(rebuilt, weight.dequantize())
+
+
+@pytest.mark.parametrize("qtype", NATIVE, ids=lambda q: q.name)
+def test_kernel_error_is_that_of_bfloat16_weights(qtype):
+    """Rounding scales to bfloat16 costs what rounding every weight to bfloat16 costs, within 2x."""
+    weight = quantized(qtype)
+    x = torch.randn(8, weight.shape[1], generator=torch.Generator().manual_seed(1)).bfloat16()
+    exact = x.float() @ weight.dequantize().t()
+    dense_error = (torch.nn.functional.linear(x, weight.dequantize().bfloat16()).float() - exact).abs().max()
+    native_error = (QuantizedLinear(weight)(x).float() - exact).abs().max()
+    assert native_error <= 2 * dense_error + 1e-3
+
+
+def test_quantized_embedding_rows_are_dequantized_rows():
+    weight = quantized(Q.Q8_0, rows=48)
+    embedding = QuantizedEmbedding(weight).to(torch.float32)
+    ids = torch.tensor([[3, 0], [47, 3]])
+    assert torch.equal(embedding(ids), weight.dequantize()[ids])
+
+
+def test_quantized_linear_keeps_its_bias_and_scales_under_to_dtype():
+    bias = torch.nn.Parameter(torch.arange(64.0))
+    layer = QuantizedLinear(quantized(Q.Q4_0), bias).to(torch.float32)
+    assert layer.scales_zeros.dtype == torch.int16
+    out = layer(torch.zeros(2, 256))
+    assert out.dtype == torch.float32 and torch.equal(out, bias.detach().expand(2, 64))
+
+
+def tiny_logits(qtype: Q, tmp_path, **engine) -> torch.Tensor:
+    """Logits of a one-layer qwen2 whose 2-D weights are stored as `qtype`, for 32 prompt + 8 decode tokens."""
+    path = tmp_path / f"{qtype.name}.gguf"
+    if not path.exists():
+        write_gguf(str(path), "qwen2", tiny_qwen2_tensors(qtype, np.random.default_rng(0)),
+                   num_layers=1, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, ffn=FFN)
+    ids = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    return engine_logits(Engine(EngineConfig(model=str(path), kv_cache_bytes=2**20, **engine)), ids, 32).float()
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K], ids=lambda q: q.name)
+def test_tiny_gguf_native_logits_are_as_close_as_bfloat16_weights(qtype, tmp_path):
+    """Random weights make these models ill-conditioned (bf16 rounding alone moves a logit by up to a third
+    of its scale), so the bound is relative: native's mean error at most twice dequantized bf16's."""
+    reference = tiny_logits(qtype, tmp_path, dtype="float32", weights="float32")
+    native = tiny_logits(qtype, tmp_path, dtype="bfloat16", weights="native")
+    dense = tiny_logits(qtype, tmp_path, dtype="bfloat16", weights="bfloat16")
+    assert (native - reference).abs().mean() <= 2 * (dense - reference).abs().mean()
+
+
+def test_type_without_planes_falls_back_to_dequantized_weights(tmp_path):
+    native = tiny_logits(Q.Q6_K, tmp_path, dtype="float32", weights="native")
+    assert torch.equal(native, tiny_logits(Q.Q6_K, tmp_path, dtype="float32", weights="float32"))
+
+
+@pytest.fixture(scope="module")
+def native_llm() -> LLM:
+    return LLM(weights="native", kv_cache_bytes="64MiB")
+
+
+def test_default_model_native_weights_are_smaller_and_close_to_the_reference(native_llm):
+    """Teacher-forced on the float32 reference's greedy tokens: logits within bf16's distance of it."""
+    reference = Engine(EngineConfig(dtype="float32", weights="float32", kv_cache_bytes=16 * 2**20))
+    prompt = reference.tokenizer.encode("The history of the printing press begins with")
+    ids = prompt + reference_greedy(reference, prompt, 32)
+    expected = engine_logits(reference, ids, len(prompt))
+    ours = engine_logits(native_llm.engine, ids, len(prompt)).float()
+    assert native_llm.weights_bytes < 0.5 * reference.weights_bytes
+    assert (ours - expected).abs().max() < 2.0
+    assert (ours.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+
+
+def reference_greedy(engine: Engine, prompt: list[int], num_tokens: int) -> list[int]:
+    request = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True))
+    while True:
+        for output in engine.step():
+            if output.request_id == request.request_id and output.finished:
+                return list(output.token_ids)
+
+
+def test_default_model_native_greedy_equals_dequantized_bfloat16(native_llm):
+    """64 greedy tokens, native against weights dequantized to bfloat16 (the same compute dtype)."""
+    dense = LLM(weights="bfloat16", kv_cache_bytes="64MiB")
+    prompt = "The history of the printing press begins with"
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    assert native_llm.generate(prompt, params)[0].token_ids == dense.generate(prompt, params)[0].token_ids
+
+
+def test_native_weights_hot_equals_cold(native_llm):
+    cold = LLM(weights="native", kv_cache_bytes="64MiB", prefix_cache=False)
+    prompt = "Explain why the sky is blue, in three short sentences, for a curious child who asks a lot."
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    expected = cold.generate(prompt, params)[0]
+    native_llm.generate(prompt, params)
+    hot = native_llm.generate(prompt, params)[0]
+    assert hot.cached_tokens == len(hot.prompt_token_ids) - 1
+    assert hot.token_ids == expected.token_ids
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
+def test_shared_embedding_reads_rows_of_the_packed_head(qtype):
+    """A tied table is held once: lookups read the head's planes, with its bfloat16 scales and zeros."""
+    weight = quantized(qtype, rows=128, cols=256)
+    head = QuantizedLinear(weight)
+    embedding = SharedEmbedding(head).to(torch.float32)
+    ids = torch.tensor([[0, 127], [64, 33]])
+    eye = torch.eye(256, dtype=torch.bfloat16)
+    columns = head(eye).float().t()          # W^T's columns: each row of W as the kernel sees it
+    assert torch.allclose(embedding(ids), columns[ids], rtol=1e-2, atol=1e-2)
+    assert (embedding(ids) - weight.dequantize()[ids]).abs().max() < 0.02 * weight.dequantize().abs().max()
+
+
+def test_weights_choice_resolves_per_format_device_and_dtype():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_weights(None, None, torch.bfloat16, True, cpu)              # the default for GGUF in bf16
+    assert not resolve_weights(None, "float32", torch.float32, True, cpu)      # float32 asked: dense float32
+    assert resolve_weights("native", "float32", torch.float32, True, cpu)
+    assert not resolve_weights("native", None, torch.bfloat16, False, cpu)     # a model directory is dense
+    assert not resolve_weights("native", None, torch.bfloat16, True, cuda)     # CPU kernels only
+    assert not resolve_weights("bfloat16", None, torch.bfloat16, True, cpu)
+    with pytest.raises(ValueError, match="compute dtype"):
+        resolve_weights("float32", "bfloat16", torch.bfloat16, True, cpu)
+    with pytest.raises(ValueError, match="unknown weights"):
+        resolve_weights("int4", None, torch.bfloat16, True, cpu)
+
+
+def test_fused_parts_of_different_types_are_dequantized_together(tmp_path):
+    """Q4_K_M files store attn_v as Q6_K next to Q4_K q/k: that fused qkv is dense, the rest stays packed."""
+    rng = np.random.default_rng(0)
+    tensors = tiny_qwen2_tensors(Q.Q4_K, rng)
+    tensors["blk.0.attn_v.weight"] = (encode_as(rng.standard_normal((KV_HEADS * 64, HIDDEN)).astype(np.float32),
+                                                Q.Q6_K, rng), Q.Q6_K)
+    path = write_gguf(str(tmp_path / "mixed.gguf"), "qwen2", tensors, num_layers=1, hidden=HIDDEN, heads=HEADS,
+                      kv_heads=KV_HEADS, ffn=FFN)
+    layer = Engine(EngineConfig(model=path, weights="native", kv_cache_bytes=2**20)).runner.model.layers[0]
+    assert type(layer.self_attn.qkv_proj) is torch.nn.Linear
+    assert type(layer.self_attn.o_proj) is QuantizedLinear and type(layer.mlp.gate_up_proj) is QuantizedLinear
