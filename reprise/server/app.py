@@ -1,9 +1,11 @@
 """The FastAPI app: OpenAI-compatible routes over one AsyncEngine.
 
-Routes: POST /v1/chat/completions, POST /v1/completions, POST /v1/cache/lookup (dry-run match),
+Routes: POST /v1/chat/completions, POST /v1/completions, POST /v1/messages and
+/v1/messages/count_tokens (Anthropic's Messages API, anthropic.py), POST /v1/responses (OpenAI's
+Responses API, responses_api.py), POST /v1/cache/lookup (dry-run match),
 GET /v1/cache/check (the cache's invariants, recounted), GET /v1/models, POST /tokenize and
 /detokenize (vLLM's shapes), GET /version, GET and HEAD /health (503 once the engine thread is
-gone), GET /metrics. With API keys, /v1/* needs `Authorization: Bearer KEY`; /health, /version and
+gone), GET /metrics. With API keys, /v1/* needs `Authorization: Bearer KEY` (or `x-api-key: KEY`); /health, /version and
 /metrics stay open (so do /tokenize and /detokenize, as in vLLM: they touch no cache). With
 --allowed-origins, browsers' CORS preflights are answered. Bodies past --max-body-bytes get 413 before any parsing. Every
 error has OpenAI's shape (errors.py). A request is admitted (or refused with 429) before its
@@ -21,6 +23,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from reprise.engine.async_engine import AsyncEngine, RequestStream
+from reprise.server.anthropic import MessagesPrompt, MessagesRequest
+from reprise.server.anthropic_reply import AnthropicAPI
 from reprise.server.config import ServerConfig
 from reprise.server.dashboard import install_dashboard
 from reprise.server.errors import APIError, install_error_handlers
@@ -30,6 +34,8 @@ from reprise import __version__
 from reprise.server.protocol import (CacheLookupRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      TokenizeRequest)
 from reprise.server.responses import event_stream, response_body
+from reprise.server.responses_api import ResponsesRequest
+from reprise.server.responses_api_reply import ResponsesAPI
 from reprise.server.serving import Job, Serving
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -40,6 +46,8 @@ def create_app(async_engine: AsyncEngine, config: ServerConfig = ServerConfig())
     engine = async_engine.engine
     metrics = ServerMetrics(lambda: async_engine.call(engine.stats))
     serving = Serving(async_engine, metrics, config)
+    anthropic = AnthropicAPI(serving)
+    responses_api = ResponsesAPI(serving)
     app = FastAPI(title="reprise", version="0.1.0")
     app.state.serving = serving
     install_error_handlers(app, config.log_prompts)
@@ -84,6 +92,20 @@ def create_app(async_engine: AsyncEngine, config: ServerConfig = ServerConfig())
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await _respond(serving, serving.completion_job(body, _tenant_salt(request)), request)
 
+    @app.post("/v1/messages")
+    async def messages(body: MessagesRequest, request: Request) -> Response:
+        exchange = anthropic.exchange(body, _tenant_salt(request))
+        return await _respond(serving, exchange.job, request, exchange)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(body: MessagesPrompt, request: Request) -> dict:
+        return anthropic.count_tokens(body, _tenant_salt(request))
+
+    @app.post("/v1/responses")
+    async def create_response(body: ResponsesRequest, request: Request) -> Response:
+        exchange = responses_api.exchange(body, _tenant_salt(request))
+        return await _respond(serving, exchange.job, request, exchange)
+
     @app.post("/v1/cache/lookup")
     async def cache_lookup(body: CacheLookupRequest, request: Request) -> dict:
         return (await serving.lookup(body, _tenant_salt(request))).model_dump()
@@ -122,11 +144,13 @@ def _check_cache(cache) -> dict:
     return {"ok": ok, "violation": violation, "num_blocks": stats.num_blocks, "blocks": blocks}
 
 
-async def _respond(serving: Serving, job: Job, request: Request) -> Response:
+async def _respond(serving: Serving, job: Job, request: Request, wire=None) -> Response:
+    """Runs the job; answers in OpenAI's chat or text completion shapes, or in those of `wire` (an
+    object with `body(outputs) -> dict` and `events(streams)`: the Anthropic and Responses APIs)."""
     streams = serving.start(job)
     if job.stream:
-        return _ClosingStreamingResponse(streams, event_stream(serving, job, streams),
-                                         media_type="text/event-stream", headers=_SSE_HEADERS)
+        events = wire.events(streams) if wire is not None else event_stream(serving, job, streams)
+        return _ClosingStreamingResponse(streams, events, media_type="text/event-stream", headers=_SSE_HEADERS)
     work = asyncio.ensure_future(serving.run(job, streams))
     gone = asyncio.ensure_future(_disconnected(request))
     await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
@@ -134,7 +158,7 @@ async def _respond(serving: Serving, job: Job, request: Request) -> Response:
     if not work.done():
         work.cancel()               # aborts the requests; the answer would reach no one
         raise APIError(400, "the client disconnected")
-    return JSONResponse(response_body(serving, job, work.result()))
+    return JSONResponse(wire.body(work.result()) if wire is not None else response_body(serving, job, work.result()))
 
 
 async def _disconnected(request: Request) -> None:

@@ -1,4 +1,5 @@
-"""OpenAI-shaped errors: every failure leaves as `{"error": {"message", "type", "param", "code"}}`.
+"""OpenAI-shaped errors: every failure leaves as `{"error": {"message", "type", "param", "code"}}`
+(on the Anthropic routes, /v1/messages*, as Anthropic's `{"type": "error", "error": {"type", "message"}}`).
 
 Bad input is 400 (validation is never FastAPI's 422, and a prompt past the model's context is 400
 `context_length_exceeded`, as OpenAI answers), a missing or wrong key 401, an unknown model or route
@@ -26,6 +27,9 @@ log = logging.getLogger("reprise")
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
           503: "server_error"}
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                    429: "rate_limit_error", 503: "api_error"}
 
 
 class APIError(Exception):
@@ -43,14 +47,23 @@ class _ASCIIJSONResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None, path: str = "") -> dict:
+    """OpenAI's shape; Anthropic's (`{"type": "error", "error": {"type", "message"}}`) on its routes."""
+    if is_anthropic_path(path):
+        return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "invalid_request_error"),
+                                           "message": message}}
     return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
 
 
+def is_anthropic_path(path: str) -> bool:
+    """The Anthropic Messages API's routes (/v1/messages and /v1/messages/count_tokens)."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return _ASCIIJSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+                   headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+    return _ASCIIJSONResponse(error_body(status, message, param, code, path), status_code=status, headers=headers)
 
 
 def log_failure(what: str, error: BaseException, log_prompts: bool) -> None:
@@ -92,23 +105,24 @@ def _field_path(error: dict) -> list[str]:
 
 
 async def _on_api_error(request: Request, error: APIError) -> JSONResponse:
-    return error_response(error.status, error.message, error.param, error.code, error.headers)
+    return error_response(error.status, error.message, error.param, error.code, error.headers, request.url.path)
 
 
 async def _on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     message, param = validation_message(list(error.errors()))
-    return error_response(400, message, param)
+    return error_response(400, message, param, path=request.url.path)
 
 
 async def _on_http_error(request: Request, error: HTTPException) -> JSONResponse:
     status = error.status_code if error.status_code < 500 else 503
-    return error_response(status, str(error.detail), code="not_found" if status == 404 else None)
+    return error_response(status, str(error.detail), code="not_found" if status == 404 else None,
+                          path=request.url.path)
 
 
 def install_error_handlers(app: FastAPI, log_prompts: bool = False) -> None:
     async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
         log_failure(f"unhandled error on {request.method} {request.url.path}", error, log_prompts)
-        return error_response(503, f"internal error: {type(error).__name__}: {error}")
+        return error_response(503, f"internal error: {type(error).__name__}: {error}", path=request.url.path)
 
     app.add_exception_handler(APIError, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)

@@ -15,7 +15,8 @@ TENANT_SALT = "reprise.tenant_salt"      # key in scope["state"]: the key-derive
 
 
 class BearerAuth:
-    """/v1/* needs `Authorization: Bearer <one of api_keys>`; /health and /metrics stay open.
+    """/v1/* needs `Authorization: Bearer <one of api_keys>` or, as Anthropic's clients send it,
+    `x-api-key: <one of api_keys>`; /health and /metrics stay open.
 
     Every key is compared in constant time, all of them every time, so timing reveals neither a
     key nor which one matched. With `salt_per_key`, the matched key's salt goes into
@@ -24,26 +25,28 @@ class BearerAuth:
 
     def __init__(self, app: ASGIApp, api_keys: tuple[str, ...], salt_per_key: bool):
         self.app = app
-        self._expected = [(f"Bearer {key}".encode(), key_salt(key) if salt_per_key else None) for key in api_keys]
+        self._expected = [(f"Bearer {key}".encode(), key.encode(), key_salt(key) if salt_per_key else None)
+                          for key in api_keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1"):
             await self.app(scope, receive, send)
             return
-        matched = self._match(dict(scope["headers"]).get(b"authorization", b""))
+        headers = dict(scope["headers"])
+        matched = self._match(headers.get(b"authorization", b""), headers.get(b"x-api-key", b""))
         if matched is None:
-            response = error_response(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
-                                      code="invalid_api_key")
+            response = error_response(401, "Missing or invalid API key: send 'Authorization: Bearer <key>' or "
+                                      "'x-api-key: <key>'.", code="invalid_api_key", path=scope["path"])
             await response(scope, receive, send)
             return
-        if matched[1] is not None:
-            scope.setdefault("state", {})[TENANT_SALT] = matched[1]
+        if matched[2] is not None:
+            scope.setdefault("state", {})[TENANT_SALT] = matched[2]
         await self.app(scope, receive, send)
 
-    def _match(self, header: bytes) -> tuple[bytes, str | None] | None:
+    def _match(self, bearer: bytes, api_key: bytes) -> tuple[bytes, bytes, str | None] | None:
         found = None
         for expected in self._expected:
-            if hmac.compare_digest(header, expected[0]):
+            if hmac.compare_digest(bearer, expected[0]) | hmac.compare_digest(api_key, expected[1]):
                 found = expected
         return found
 
@@ -88,7 +91,8 @@ class BodyLimit:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(413, f"The request body is larger than this server's limit of "
-                                  f"{self.max_body_bytes} bytes (--max-body-bytes).", code="body_too_large")
+                                  f"{self.max_body_bytes} bytes (--max-body-bytes).", code="body_too_large",
+                                  path=scope["path"])
         await response(scope, receive, send)
 
 
