@@ -26,7 +26,7 @@ def namespace_label(salt: str | None) -> str:
     prompt text; "shared" for the namespace without a salt."""
     if salt is None:
         return SHARED
-    return "ns-" + hashlib.sha256(salt.encode()).hexdigest()[:8]
+    return "ns-" + hashlib.sha256(salt.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
 @dataclass(frozen=True, slots=True)
