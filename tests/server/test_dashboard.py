@@ -9,7 +9,9 @@ counters read while the server is idle, so the tests do not depend on each other
 from __future__ import annotations
 
 import base64
+import os
 import re
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,7 +29,8 @@ from tests.server.helpers import launch, metric, wait_idle, write_tiny_model
 
 BLOCK_SIZE = 16
 KEY_A, KEY_B = "dashboard-key-a", "dashboard-key-b"
-DOCS = Path(__file__).parents[2] / "docs"
+# screenshots go to a temporary folder; REPRISE_SCREENSHOTS=docs refreshes the README's
+SCREENSHOTS = Path(os.environ.get("REPRISE_SCREENSHOTS") or tempfile.mkdtemp(prefix="reprise-screens-"))
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make setup)")
 
 
@@ -201,7 +204,7 @@ def test_chat_page_streams_two_turns_and_the_second_hits_the_cache(running, http
     with Browser() as browser:
         dom = browser.open(f"{running.url}/chat?auto=Hello!|Tell%20me%20more&max_tokens=32&temperature=0",
                            "document.body.dataset.turns === '2'", timeout=180)
-        browser.screenshot(DOCS / "chat.png")
+        browser.screenshot(SCREENSHOTS / "chat.png")
     turns = re.findall(r'class="turn assistant" data-cached-tokens="(\d+)" data-prompt-tokens="(\d+)"', dom)
     assert len(turns) == 2
     (cached_1, prompt_1), (cached_2, prompt_2) = [(int(c), int(p)) for c, p in turns]
@@ -217,7 +220,7 @@ def test_dashboard_page_shows_the_metrics_hit_rate_and_the_prompts_size(running,
     hits, queries = settled(http)
     with Browser() as browser:
         dom = browser.open(f"{running.url}/dashboard", "document.body.dataset.updated !== undefined")
-        browser.screenshot(DOCS / "dashboard.png")
+        browser.screenshot(SCREENSHOTS / "dashboard.png")
     shown = re.search(r'id="hit-rate" data-value="([^"]+)">([^<]+)<', dom)
     assert float(shown.group(1)) == hits / queries
     assert shown.group(2) == f"{100 * hits / queries:.2f}%"
