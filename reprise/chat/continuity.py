@@ -98,21 +98,10 @@ def suffix_ids(tokenizer: Tokenizer, ids: Sequence[int], text: str) -> list[int]
 
 @dataclass(frozen=True, slots=True)
 class ChatPrompt:
-    """A rendered chat prompt's ids, and where each message's text lies in the rendered text
-    (message index, first character, end), for saying in which message a prompt left the cache."""
+    """A rendered chat prompt and its ids."""
 
     ids: list[int]
     rendered: str
-    spans: tuple[tuple[int, int, int], ...]
-
-    def message_at(self, tokenizer: Tokenizer, position: int) -> int | None:
-        """The index of the message whose text (or the template text just before it) holds token
-        `position`; None past the last message (the generation prompt)."""
-        offset = len(tokenizer.decode(self.ids[:position]))
-        for index, _, end in self.spans:
-            if offset < end:
-                return index
-        return None
 
 
 def prompt_ids(tokenizer: Tokenizer, rendered: str, messages: list[dict], memory: ReplyMemory | None,
@@ -132,9 +121,8 @@ def prompt_ids(tokenizer: Tokenizer, rendered: str, messages: list[dict], memory
     is exactly encode(rendered).
     """
     ids: list[int] = []
-    spans = []
     encoded = searched = 0        # rendered[:encoded] is in ids; rendered[:searched] is matched to messages
-    for index, message in enumerate(messages):
+    for message in messages:
         key = reply_key(message) if memory is not None else None
         reply = memory.recall(salt, key) if key is not None else None
         text = reply.text if reply is not None else message.get("content")
@@ -142,12 +130,11 @@ def prompt_ids(tokenizer: Tokenizer, rendered: str, messages: list[dict], memory
         if start < 0:
             continue
         searched = start + len(text)
-        spans.append((index, start, searched))
         if reply is not None:
             ids += tokenizer.encode(rendered[encoded:start])
             ids += reply.ids
             encoded = searched
-    return ChatPrompt(ids + tokenizer.encode(rendered[encoded:]), rendered, tuple(spans))
+    return ChatPrompt(ids + tokenizer.encode(rendered[encoded:]), rendered)
 
 
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict], memory: ReplyMemory | None,

@@ -11,6 +11,7 @@ The token position of a character offset is the fewest leading ids whose text co
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from reprise.chat.continuity import ChatPrompt
@@ -52,6 +53,18 @@ class Breakpoint:
 
     block: Block
     num_tokens: int
+
+
+def chat_blocks(messages: list[dict], tools: list[dict] | None) -> list[Block]:
+    """The blocks of an OpenAI chat: each tool (its JSON, as templates and the generic format write
+    it), then each message by its index: system and developer ones as "system", the others as
+    "message" (the text, or each call's arguments)."""
+    blocks = [Block("tool", index, json.dumps(tool, ensure_ascii=False)) for index, tool in enumerate(tools or ())]
+    for index, message in enumerate(messages):
+        kind = "system" if message["role"] in ("system", "developer") else "message"
+        texts = [call["function"]["arguments"] for call in message.get("tool_calls") or ()] or [message.get("content")]
+        blocks += [Block(kind, index, text) for text in texts if text]
+    return blocks
 
 
 def locate(rendered: str, blocks: list[Block]) -> list[Span]:

@@ -21,6 +21,7 @@ from reprise.engine.async_engine import EngineDead, RequestStream
 from reprise.engine.request import RequestOutput
 from reprise.server.errors import APIError, log_failure, sse_error
 from reprise.server.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs
+from reprise.server.prompt_blocks import block_report, chat_blocks, locate
 from reprise.server.protocol import CacheReport, Usage
 from reprise.server.serving import Job, Serving
 
@@ -131,11 +132,14 @@ def _extras(serving: Serving, job: Job, final: dict[int, RequestOutput], usage: 
 
 
 def _cache_report(serving: Serving, job: Job, outputs: list[RequestOutput]) -> dict:
+    """The cache report of the job's prompts (their first choices); for chat, in the client's terms:
+    the block (system, tool, message) where reuse stopped and why (prompt_blocks.block_report)."""
     report = CacheReport.of(outputs[::job.n])
-    stopped = report.diverged_at if report.diverged_at is not None else report.cached_tokens
-    if job.chat and report.cached_tokens < report.prompt_tokens - 1:
-        report.diverged_message = job.turn.prompt.message_at(serving.tokenizer, stopped)
-    return report.model_dump()
+    if not job.chat:
+        return report.model_dump()
+    turn = job.turn
+    spans = locate(turn.prompt.rendered, chat_blocks(turn.messages, turn.tools))
+    return block_report(report, serving.tokenizer, turn.prompt, spans)
 
 
 def _text_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:

@@ -209,7 +209,7 @@ def _continued(serving: Serving, job: Job, previous: Conversation, max_output_to
         return job
     ids = context + tokenizer.encode(prompt.rendered[len(text):])
     max_tokens = serving.fit([ids], max_output_tokens, "input")
-    turn = replace(job.turn, prompt=ChatPrompt(ids, prompt.rendered, prompt.spans))
+    turn = replace(job.turn, prompt=ChatPrompt(ids, prompt.rendered))
     return replace(job, prompts=[ids], params=[replace(job.params[0], max_tokens=max_tokens)], turn=turn)
 
 

@@ -119,17 +119,6 @@ def test_a_tool_call_reply_is_recalled_by_its_call_id(tokenizer):
     start = rendered.index(markup)
     assert prompt.ids == (tokenizer.encode(rendered[:start]) + generated
                           + tokenizer.encode(rendered[start + len(markup):]))
-    assert prompt.spans == ((0, rendered.index("Go"), rendered.index("Go") + 2), (1, start, start + len(markup)))
-
-
-def test_message_at_names_the_message_holding_a_position(tokenizer):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
-    rendered = tokenizer.render_chat(messages)
-    prompt = prompt_ids(tokenizer, rendered, messages, None)
-    inside_user = prompt.ids.index(tokenizer.encode(" hello")[0])
-    assert prompt.message_at(tokenizer, 0) == 0
-    assert prompt.message_at(tokenizer, inside_user) == 1
-    assert prompt.message_at(tokenizer, len(prompt.ids) - 1) is None      # the generation prompt
 
 
 def test_reply_ids_drop_the_stop_token_and_refuse_stop_strings():

@@ -2,6 +2,7 @@
 template knows no tools: the generic format), through the official openai client."""
 from __future__ import annotations
 
+import copy
 import json
 
 import jsonschema
@@ -144,3 +145,24 @@ def test_constraints_that_cannot_run_are_400(http, body, param):
     response = http.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 5, **body})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+def test_cache_report_names_the_block_where_the_prompt_changed(http, fresh_prompt):
+    system = "You help travellers." + fresh_prompt(6)
+    base = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": "Weather in Paris?"}],
+            "tools": TOOLS, "tool_choice": "none", "max_tokens": 1, "cache_report": True}
+    assert http.post("/v1/chat/completions", json=base).status_code == 200
+
+    def report(change) -> tuple:
+        body = copy.deepcopy(base)
+        change(body)
+        cache = http.post("/v1/chat/completions", json=body).json()["cache"]
+        return cache["reason"], cache["diverged_block"], cache["diverged_index"]
+
+    assert report(lambda body: body["tools"][1]["function"].update(description="Time anywhere")) == \
+        ("tools_changed", "tool", 1)
+    assert report(lambda body: body["messages"][0].update(content=system + " Be brief.")) == \
+        ("system_changed", "system", 0)
+    assert report(lambda body: body["messages"][1].update(content="Weather in Lima?")) == \
+        ("messages_changed", "message", 1)
+    assert report(lambda body: None) == (None, None, None)         # all but the last token hit
