@@ -12,11 +12,10 @@ exactly as its own tokenizer would.
 """
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from reprise.chat.tenant_lru import TenantLRU
 from reprise.engine.request import FinishReason
 from reprise.loader.tokenizer import Tokenizer
 
@@ -29,33 +28,19 @@ class Reply:
     ids: tuple[int, ...]
 
 
-class ReplyMemory:
-    """(salt, key) -> Reply. Bounded, least recently used first out; safe to share between threads."""
+class ReplyMemory(TenantLRU[Reply]):
+    """(salt, key) -> Reply, bounded (see TenantLRU: tenants stay apart)."""
 
     def __init__(self, capacity: int = 4096):
-        self._capacity = capacity
-        self._replies: OrderedDict[tuple[str | None, str], Reply] = OrderedDict()
-        self._lock = threading.Lock()
+        super().__init__(capacity)
 
     def remember(self, salt: str | None, key: str, text: str, ids: Sequence[int]) -> None:
         """`ids` must decode to exactly `text`; empty replies are not kept."""
-        if not text or not ids:
-            return
-        with self._lock:
-            self._replies[salt, key] = Reply(text, tuple(ids))
-            self._replies.move_to_end((salt, key))
-            while len(self._replies) > self._capacity:
-                self._replies.popitem(last=False)
+        if text and ids:
+            self.put(salt, key, Reply(text, tuple(ids)))
 
     def recall(self, salt: str | None, key: str) -> Reply | None:
-        with self._lock:
-            reply = self._replies.get((salt, key))
-            if reply is not None:
-                self._replies.move_to_end((salt, key))
-            return reply
-
-    def __len__(self) -> int:
-        return len(self._replies)
+        return self.get(salt, key)
 
 
 def reply_key(message: dict) -> str | None:

@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
+from reprise.chat.tenant_lru import TenantLRU
 from reprise.server.anthropic import ContentBlock, MessagesRequest
 
 
@@ -47,26 +46,11 @@ class Record:
     num_context_tokens: int
 
 
-class Records:
-    """(salt, message id) -> Record; bounded, least recently used first out; thread-safe."""
+class Records(TenantLRU[Record]):
+    """(salt, message id) -> Record, bounded (see TenantLRU: tenants stay apart)."""
 
     def __init__(self, capacity: int = 4096):
-        self._capacity = capacity
-        self._records: OrderedDict[tuple[str | None, str], Record] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def remember(self, salt: str | None, message_id: str, record: Record) -> None:
-        with self._lock:
-            self._records[salt, message_id] = record
-            while len(self._records) > self._capacity:
-                self._records.popitem(last=False)
-
-    def recall(self, salt: str | None, message_id: str) -> Record | None:
-        with self._lock:
-            record = self._records.get((salt, message_id))
-            if record is not None:
-                self._records.move_to_end((salt, message_id))
-            return record
+        super().__init__(capacity)
 
 
 def usage(num_prompt: int, num_read: int, breakpoint: int | None, num_output: int) -> dict:

@@ -131,7 +131,7 @@ class Exchange:
                    "stop_reason": stop_reason, "stop_sequence": stop_sequence,
                    "usage": usage(len(prompt_ids), output.cached_tokens, self.breakpoint, num_output)}
         if self.previous_id is not None:
-            previous = self.api.records.recall(job.salt, self.previous_id)
+            previous = self.api.records.get(job.salt, self.previous_id)
             message["diagnostics"] = diagnose(previous, self._fingerprint(), output.cached_tokens, len(prompt_ids))
         if job.cache_report:
             message["cache"] = self._cache_report(output)
@@ -154,7 +154,7 @@ class Exchange:
         reply = message_digest("assistant", [_block(part) for part in content])
         record = Record(replace(current, messages=(*current.messages, reply)),
                         len(output.prompt_token_ids) + len(output.token_ids) - 1)
-        self.api.records.remember(self.job.salt, self.job.id, record)
+        self.api.records.put(self.job.salt, self.job.id, record)
 
 
 class ContentBlockStream:

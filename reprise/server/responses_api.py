@@ -25,14 +25,13 @@ no pin, the cache's ordinary LRU).
 from __future__ import annotations
 
 import json
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from reprise.chat.continuity import ChatPrompt
+from reprise.chat.tenant_lru import TenantLRU
 from reprise.server.config import tenant_cache_salt
 from reprise.server.errors import APIError
 from reprise.server.prompt_blocks import Block
@@ -121,29 +120,19 @@ class Conversation:
     context_ids: tuple[int, ...]
 
 
-class Conversations:
-    """(salt, response id) -> Conversation; bounded, least recently used first out; thread-safe."""
+class Conversations(TenantLRU[Conversation]):
+    """(salt, response id) -> Conversation, bounded (see TenantLRU: tenants stay apart)."""
 
     def __init__(self, capacity: int = 1024):
-        self._capacity = capacity
-        self._kept: OrderedDict[tuple[str | None, str], Conversation] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def keep(self, salt: str | None, response_id: str, conversation: Conversation) -> None:
-        with self._lock:
-            self._kept[salt, response_id] = conversation
-            while len(self._kept) > self._capacity:
-                self._kept.popitem(last=False)
+        super().__init__(capacity)
 
     def find(self, salt: str | None, response_id: str) -> Conversation:
         """404 (in OpenAI's words) when it is not kept for this tenant."""
-        with self._lock:
-            conversation = self._kept.get((salt, response_id))
-            if conversation is None:
-                raise APIError(404, f"Previous response with id '{response_id}' not found.", "previous_response_id",
-                               "previous_response_not_found")
-            self._kept.move_to_end((salt, response_id))
-            return conversation
+        conversation = self.get(salt, response_id)
+        if conversation is None:
+            raise APIError(404, f"Previous response with id '{response_id}' not found.", "previous_response_id",
+                           "previous_response_not_found")
+        return conversation
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ class Exchange:
             return
         messages = (*self.turn.conversation, reply.as_history_message())
         conversation = Conversation(messages, (*output.prompt_token_ids, *output.token_ids))
-        self.api.conversations.keep(self.job.salt, self.job.id, conversation)
+        self.api.conversations.put(self.job.salt, self.job.id, conversation)
 
 
 def output_items(response_id: str, reply: ParsedReply) -> list[dict]:

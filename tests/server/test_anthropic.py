@@ -154,7 +154,7 @@ def test_the_cache_report_names_the_block_where_the_prompt_diverged(claude, tena
     system = system_blocks("You are a coding agent." + fresh_prompt(8))
     messages = [{"role": "user", "content": "Weather in Paris?"}]
     send(claude, tenant, system, messages, ANY)
-    tools = [TOOLS[0], {**TOOLS[1], "description": "The local time in a timezone"}]
+    tools = [TOOLS[0], {**TOOLS[1], "description": fresh_prompt(6)}]     # in no namespace of the shared server
     cache = send(claude, tenant, system, messages, ANY, tools=tools, cache_report=True).model_extra["cache"]
     assert (cache["reason"], cache["diverged_block"], cache["diverged_index"]) == ("tools_changed", "tool", 1)
     edited = [{"role": "user", "content": "Weather in Lyon?"}]
