@@ -71,6 +71,7 @@ class PrefixIndex(Protocol):
     block_size: int
     num_nodes: int
     num_cached_tokens: int
+    num_written_tokens: int
     pins: PinTable
 
     def match(self, token_ids: Sequence[int], salt: str | None) -> IndexMatch: ...
@@ -103,6 +104,7 @@ class NullIndex:
         self.block_size = block_size
         self.num_nodes = 0
         self.num_cached_tokens = 0
+        self.num_written_tokens = 0
         self.pins = PinTable()
 
     def match(self, token_ids: Sequence[int], salt: str | None) -> IndexMatch:

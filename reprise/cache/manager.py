@@ -93,6 +93,7 @@ class CacheStats:
     num_blocks: int
     blocks_pinned: int = 0    # in the index under a pin that has not ended (a subset of used + cached)
     pin_expiries: int = 0     # pins that ended
+    tokens_written: int = 0   # tokens newly stored in the index (cache writes)
 
 
 class CacheManager:
@@ -324,7 +325,7 @@ class CacheManager:
         free = self.pool.num_free
         return CacheStats(self._queries, self._hits, self._evictions, self._num_used,
                           self.num_blocks - self._num_used - free, free, self.num_blocks,
-                          self.index.pins.total_blocks, self.index.pins.num_expired)
+                          self.index.pins.total_blocks, self.index.pins.num_expired, self.index.num_written_tokens)
 
     # ---- block accounting ---------------------------------------------------------------
 

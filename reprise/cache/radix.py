@@ -91,6 +91,7 @@ class RadixIndex:
         self._heap: list[tuple[int, int, int, Node]] = []
         self.num_nodes = 0           # non-root nodes
         self.num_cached_tokens = 0   # tokens over all non-root nodes
+        self.num_written_tokens = 0  # tokens ever added (cache writes), a counter
         self.pins = PinTable()
 
     # ---- lookup -------------------------------------------------------------------------
@@ -180,6 +181,7 @@ class RadixIndex:
         adopted.extend(leaf.blocks)
         self.num_nodes += 1
         self.num_cached_tokens += len(tokens)
+        self.num_written_tokens += len(tokens)
         self._refresh(parent)
         return leaf
 

@@ -48,6 +48,8 @@ class EngineCollector:
                                 "retention pin that has not ended (a subset of used + cached).", value=cache.blocks_pinned)
         yield CounterMetricFamily("reprise:prefix_cache_pin_expiries", "Retention pins that ended.",
                                   value=cache.pin_expiries)
+        yield CounterMetricFamily("reprise:prefix_cache_writes", "Tokens newly stored in the prefix cache.",
+                                  value=cache.tokens_written)
         blocks = GaugeMetricFamily("reprise:kv_blocks", "KV blocks by state: used by running requests, "
                                    "cached (unreferenced, reusable) or free; they sum to the pool.", labels=["state"])
         blocks.add_metric(["used"], cache.blocks_used)

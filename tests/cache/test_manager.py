@@ -226,3 +226,13 @@ def test_truncate_frees_blocks_past_the_kept_tokens_never_committed_ones(cache):
     cache.release(seq, prompt + [10])
     check_invariants(cache)
     assert cache.stats.blocks_used == 0
+
+
+def test_cache_writes_count_the_tokens_newly_stored(cache):
+    finish(cache, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert cache.stats.tokens_written == 9
+    finish(cache, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])           # two more tokens on the same path
+    finish(cache, [1, 2, 3, 4, 5, 6, 7, 8, 9])                   # nothing new
+    assert cache.stats.tokens_written == 11
+    cache.evict(16)
+    assert cache.stats.tokens_written == 11                      # a counter: evictions do not lower it
