@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test bench clean
+.PHONY: setup browser serve test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,14 +17,16 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[test]'
 	touch $(STAMP)
 
-setup: $(STAMP)
-	# the dashboard's browser tests drive a headless Chromium (Debian's package)
+setup: $(STAMP) browser
+
+# the dashboard's browser tests drive a headless Chromium (Debian's package), installed when missing
+browser:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
 serve: $(STAMP)
 	$(VENV)/bin/reprise serve $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q $(ARGS)
 
 bench: $(STAMP)
