@@ -20,22 +20,20 @@ the token position and TTL of each `cache_control` the client marked.
 from __future__ import annotations
 
 import json
-import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
-from reprise.engine.async_engine import EngineDead, RequestStream
+from reprise.engine.async_engine import RequestStream
 from reprise.engine.request import FinishReason, RequestOutput
 from reprise.server.anthropic import ContentBlock, MessagesPrompt, MessagesRequest, chat_request
 from reprise.server.anthropic_cache import Fingerprint, Record, Records, diagnose, fingerprint, message_digest, usage
 from reprise.server.config import tenant_cache_salt
-from reprise.server.errors import APIError, error_body, log_failure
+from reprise.server.errors import error_body, stream_failure
 from reprise.server.prompt_blocks import Breakpoint, Span, block_report, breakpoints, locate
 from reprise.server.protocol import CacheReport
 from reprise.server.serving import Job, Serving
 
-log = logging.getLogger("reprise")
 TTL_SECONDS = {"5m": 300, "1h": 3600}
 
 
@@ -115,11 +113,7 @@ class Exchange:
                     yield _event("message_delta", {"delta": delta, "usage": message["usage"]})
                     yield _event("message_stop", {})
         except Exception as error:      # noqa: BLE001 - headers are sent: report in the stream
-            if isinstance(error, (APIError, EngineDead)):
-                log.error("stream %s failed: %s", job.id, error)
-            else:
-                log_failure(f"stream {job.id} failed", error, serving.config.log_prompts)
-            failure = error if isinstance(error, APIError) else APIError(503, f"generation failed: {error}")
+            failure = stream_failure(job.id, error, serving.config.log_prompts)
             yield _event("error", error_body(failure.status, failure.message, path="/v1/messages"))
 
     def _message(self, output: RequestOutput, content: list[dict], calls: bool, finished: bool = True) -> dict:

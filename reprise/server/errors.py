@@ -22,6 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from reprise.engine.async_engine import EngineDead, RequestFailed
+
 log = logging.getLogger("reprise")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -64,6 +66,16 @@ def is_anthropic_path(path: str) -> bool:
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
     return _ASCIIJSONResponse(error_body(status, message, param, code, path), status_code=status, headers=headers)
+
+
+def stream_failure(job_id: str, error: BaseException, log_prompts: bool) -> APIError:
+    """A failure inside a stream whose headers are sent: logged (our own errors, which quote no
+    input, by message; others as log_failure does), and returned as the APIError to report in it."""
+    if isinstance(error, (APIError, EngineDead, RequestFailed)):
+        log.error("stream %s failed: %s", job_id, error)
+    else:
+        log_failure(f"stream {job_id} failed", error, log_prompts)
+    return error if isinstance(error, APIError) else APIError(503, f"generation failed: {error}")
 
 
 def log_failure(what: str, error: BaseException, log_prompts: bool) -> None:

@@ -14,18 +14,16 @@ tokens they score.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncIterator
 
-from reprise.engine.async_engine import EngineDead, RequestStream
+from reprise.engine.async_engine import RequestStream
 from reprise.engine.request import RequestOutput
-from reprise.server.errors import APIError, log_failure, sse_error
+from reprise.server.errors import sse_error, stream_failure
 from reprise.server.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs
 from reprise.server.prompt_blocks import block_report, chat_blocks, locate
 from reprise.server.protocol import CacheReport, Usage
 from reprise.server.serving import Job, Serving
 
-log = logging.getLogger("reprise")
 DONE = "data: [DONE]\n\n"
 
 
@@ -72,11 +70,7 @@ async def event_stream(serving: Serving, job: Job, streams: list[RequestStream])
         if job.include_usage:
             yield _chunk(job, [], **_extras(serving, job, final, usage=True))
     except Exception as error:          # noqa: BLE001 - headers are sent: report in the stream, then end it
-        if isinstance(error, (APIError, EngineDead)):       # our own messages: they quote no input
-            log.error("stream %s failed: %s", job.id, error)
-        else:
-            log_failure(f"stream {job.id} failed", error, serving.config.log_prompts)
-        yield sse_error(error if isinstance(error, APIError) else APIError(503, f"generation failed: {error}"))
+        yield sse_error(stream_failure(job.id, error, serving.config.log_prompts))
     yield DONE
 
 

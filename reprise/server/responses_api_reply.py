@@ -18,21 +18,18 @@ A stored response keeps its conversation for `previous_response_id` once it fini
 from __future__ import annotations
 
 import json
-import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
-from reprise.engine.async_engine import EngineDead, RequestStream
+from reprise.engine.async_engine import RequestStream
 from reprise.engine.request import FinishReason, RequestOutput
-from reprise.server.errors import APIError, log_failure
+from reprise.server.errors import stream_failure
 from reprise.server.prompt_blocks import block_report, locate
 from reprise.server.protocol import CacheReport
 from reprise.server.reply import ParsedReply
 from reprise.server.responses_api import Conversation, Conversations, ResponsesRequest, ResponsesTurn, responses_turn
 from reprise.server.serving import Serving
-
-log = logging.getLogger("reprise")
 
 
 class ResponsesAPI:
@@ -82,11 +79,7 @@ class Exchange:
                     response = self._response(output, reader.reply)
                     yield items.event(f"response.{response['status']}", response=response)
         except Exception as error:      # noqa: BLE001 - headers are sent: report in the stream
-            if isinstance(error, (APIError, EngineDead)):
-                log.error("stream %s failed: %s", job.id, error)
-            else:
-                log_failure(f"stream {job.id} failed", error, serving.config.log_prompts)
-            failure = error if isinstance(error, APIError) else APIError(503, f"generation failed: {error}")
+            failure = stream_failure(job.id, error, serving.config.log_prompts)
             yield items.event("error", code=failure.code, message=failure.message, param=failure.param)
 
     def _response(self, output: RequestOutput | None, reply: ParsedReply | None) -> dict:
