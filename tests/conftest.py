@@ -6,6 +6,7 @@ import random
 import pytest
 
 from reprise import LLM, SamplingParams
+from reprise.chat.grammar import Grammars
 from reprise.loader import load_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
@@ -17,6 +18,12 @@ WORDS = ("alpha river stone light number garden window paper music signal harbor
 def default_model():
     """Config and tokenizer of the default model (weights stay unread)."""
     return load_model(None)
+
+
+@pytest.fixture(scope="session")
+def grammars(default_model) -> Grammars:
+    """The default tokenizer's grammar engine (its vocabulary is built once per run)."""
+    return Grammars(default_model.tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ import torch
 
 from reprise.chat.grammar import Grammars, GrammarError
 from reprise.chat.spec import GuidedSpec, ToolTag
-from reprise.loader import load_model
 
 WEATHER = {"type": "object", "properties": {"location": {"type": "string"},
                                             "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
@@ -39,13 +38,8 @@ TOOLS = (hermes("get_weather", WEATHER),
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return load_model(None).tokenizer
-
-
-@pytest.fixture(scope="module")
-def grammars(tokenizer) -> Grammars:
-    return Grammars(tokenizer)
+def tokenizer(default_model):
+    return default_model.tokenizer
 
 
 def allowed_ids(grammars: Grammars, matcher) -> list[int]:

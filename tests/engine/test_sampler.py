@@ -11,7 +11,6 @@ from reprise.chat.grammar import Grammars
 from reprise.chat.spec import GuidedSpec
 from reprise.engine.request import SamplingParams
 from reprise.engine.sampler import Sampler, filtered_probs, token_logprobs
-from reprise.loader import load_model
 
 VOCAB, EOS = 8, 0
 CPU = torch.device("cpu")
@@ -35,13 +34,8 @@ def run(s: Sampler, request_id: str, token_ids: list[int]) -> None:
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return load_model(None).tokenizer
-
-
-@pytest.fixture(scope="module")
-def grammars(tokenizer) -> Grammars:
-    return Grammars(tokenizer)
+def tokenizer(default_model):
+    return default_model.tokenizer
 
 
 def allowed(grammars: Grammars, spec: GuidedSpec, text_ids: list[int] = ()) -> torch.Tensor:
