@@ -1,0 +1,64 @@
+"""Tiers below the KV pool: one small interface over block keys and bytes.
+
+A tier never sees a token: it stores opaque payloads (one KV block across the attention layers)
+under keys from `tiers/keys.py`. A key is a chained digest under a namespace of (tenant salt,
+model fingerprint), so tenants are kept apart by construction: a tenant can only compute the keys
+of token sequences it sends itself, and a different salt or model gives different keys for the
+same tokens. Each tier checksums what it stores; a payload that fails its check is a miss (counted
+in `corrupt`, the entry deleted), never served.
+
+The pool talks to a tier through `Tier` only, so the disk tier (`disk.py`), the shared store
+(`store.py`, Redis) and, on a GPU, a host-memory tier plug in without touching the scheduler.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class TierStats:
+    """Counters since start, and what the tier holds now."""
+
+    num_entries: int          # blocks stored now
+    bytes_used: int           # bytes those entries take
+    bytes_limit: int | None   # the tier's budget (None: bounded by the store itself)
+    stores: int               # entries written
+    dropped: int              # writes dropped because the writer fell behind or the tier failed
+    loads: int                # entries read back and verified
+    corrupt: int              # entries that failed their checksum (deleted, counted as misses)
+    evictions: int            # entries removed to stay within the budget
+    load_seconds: tuple[float, ...] = ()    # latencies since the last `stats` call (for histograms)
+    store_seconds: tuple[float, ...] = ()
+
+
+class Tier(Protocol):
+    """A key -> bytes store below the KV pool (all methods thread-safe).
+
+    `store` only queues: a writer thread (or pipeline) does the I/O, and when it falls behind the
+    write is dropped and counted, never waited for. `load` is synchronous and verifies each entry.
+    """
+
+    name: str                 # the metric label: "disk", "store"
+
+    def contains(self, keys: Sequence[bytes]) -> int:
+        """How many of `keys`, from the first on, the tier holds (it stops at the first absent one)."""
+
+    def load(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """The payloads of `keys` in order; None for an absent or corrupt one (a corrupt entry is
+        deleted and counted)."""
+
+    def store(self, entries: Sequence[tuple[bytes, bytes]]) -> int:
+        """Queues (key, payload) writes; returns how many were accepted (the rest are dropped)."""
+
+    def evict(self, keys: Sequence[bytes]) -> None:
+        """Removes `keys` (absent ones are ignored)."""
+
+    def stats(self) -> TierStats:
+        """Counters and usage now; drains the latency samples gathered since the last call."""
+
+    def flush(self) -> None:
+        """Waits until every accepted write is done (shutdown and tests)."""
+
+    def close(self) -> None:
+        """Flushes, then stops the tier's threads."""
