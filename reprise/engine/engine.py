@@ -311,7 +311,8 @@ class Engine:
 
     def stats(self) -> EngineStats:
         scheduler = self.scheduler
-        return EngineStats(len(scheduler.running), len(scheduler.waiting), scheduler.num_preemptions,
+        num_loading = self.tiers.num_loading if self.tiers is not None else 0     # waiting on a tier load
+        return EngineStats(len(scheduler.running), len(scheduler.waiting) + num_loading, scheduler.num_preemptions,
                            self.cache.stats, scheduler.num_draft_tokens, scheduler.num_accepted_tokens,
                            self.weights_bytes, self.kv_pool_bytes,
                            self.tiers.stats() if self.tiers is not None else ())

@@ -54,15 +54,15 @@ def encode_header(payload: bytes | memoryview) -> bytes:
     return HEADER.pack(MAGIC, VERSION, 0, len(payload), checksum(payload))
 
 
-def decode(data: bytes) -> bytes | None:
-    """The payload of a file's bytes, or None if the header, length or checksum is wrong."""
+def decode(data: bytes) -> memoryview | None:
+    """The payload of a file's bytes (a view, no copy), or None if the header, length or checksum is wrong."""
     if len(data) < HEADER.size:
         return None
     magic, version, _, length, digest = HEADER.unpack_from(data)
     payload = memoryview(data)[HEADER.size:]
     if magic != MAGIC or version != VERSION or length != len(payload) or checksum(payload) != digest:
         return None
-    return payload.tobytes()
+    return payload
 
 
 class DiskTier:
@@ -139,10 +139,10 @@ class DiskTier:
                     return count
         return len(keys)
 
-    def load(self, keys: Sequence[bytes]) -> list[bytes | None]:
+    def load(self, keys: Sequence[bytes]) -> list[memoryview | None]:
         return [self._load_one(key) for key in keys]
 
-    def _load_one(self, key: bytes) -> bytes | None:
+    def _load_one(self, key: bytes) -> memoryview | None:
         start = time.perf_counter()
         with self._lock:
             if key not in self._table:
