@@ -51,11 +51,6 @@ def build_observers(config: EngineConfig) -> list[KVEventObserver]:
     return []
 
 
-def wants_keys(config: EngineConfig) -> bool:
-    """Whether any tier or observer is configured (the fingerprint is computed only then)."""
-    return config.disk_cache_dir is not None
-
-
 def kv_layout_string(layout: CacheLayout, num_kv_heads: int, head_dim: int) -> str:
     """What a block's bytes mean: "<attention layers>x2x<kv heads>x<head dim> <kinds>[ window N]"."""
     kinds = ",".join(kind.value for kind in layout.layer_kinds)

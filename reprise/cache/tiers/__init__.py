@@ -44,12 +44,15 @@ class Tier(Protocol):
     def contains(self, keys: Sequence[bytes]) -> int:
         """How many of `keys`, from the first on, the tier holds (it stops at the first absent one)."""
 
-    def load(self, keys: Sequence[bytes]) -> list[bytes | None]:
-        """The payloads of `keys` in order; None for an absent or corrupt one (a corrupt entry is
-        deleted and counted)."""
+    def load(self, keys: Sequence[bytes]) -> list[bytes | memoryview | None]:
+        """The payloads of `keys` in order (bytes-like); None for an absent or corrupt one (a
+        corrupt entry is deleted and counted). The engine calls it from its loader threads, one key
+        at a time, and stops a load at the first None."""
 
-    def store(self, entries: Sequence[tuple[bytes, bytes]]) -> int:
-        """Queues (key, payload) writes; returns how many were accepted (the rest are dropped)."""
+    def store(self, entries: Sequence[tuple[bytes, bytes | memoryview]]) -> int:
+        """Queues (key, payload) writes; returns how many were accepted (the rest are dropped).
+        A payload may be a memoryview into a buffer the engine keeps alive until the write is done;
+        keys the tier holds or has queued are skipped (not counted as accepted)."""
 
     def evict(self, keys: Sequence[bytes]) -> None:
         """Removes `keys` (absent ones are ignored)."""
