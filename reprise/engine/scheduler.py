@@ -24,7 +24,7 @@ from collections import deque
 
 from reprise.cache.manager import CacheManager, Match, MissReason
 from reprise.engine.request import FinishReason, Request, RequestStatus
-from reprise.engine.runner import ScheduledChunk, StepPlan, Verify
+from reprise.engine.plan import ScheduledChunk, StepPlan, Verify
 from reprise.engine.speculative import NgramDrafter
 
 
