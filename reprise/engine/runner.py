@@ -13,8 +13,8 @@ from reprise.engine.request import Request, Sampled, TokenLogprob
 from reprise.engine.sampler import Sampler, token_logprobs
 from reprise.models import state_specs
 from reprise.models.config import ModelConfig, cache_layout
-from reprise.models.layers.batch import (AttentionBatch, DecodeBatch, ForwardBatch, PrefillChunk, RecurrentBatch,
-                                         RecurrentChunk)
+from reprise.engine.metadata import SeqRows, attention_batch, slot_mapping
+from reprise.models.layers.batch import ForwardBatch, RecurrentBatch, RecurrentChunk
 
 
 @dataclass(frozen=True)
@@ -208,80 +208,26 @@ class ModelRunner:
     def _batch(self, plan: StepPlan, num_chunked: int) -> ForwardBatch:
         full = sliding = recurrent = None
         if self.kinds - {LayerKind.RECURRENT}:
-            slots = self._slots(plan).to(self.device)
+            rows = self._rows(plan)
+            slots = slot_mapping(rows, self.block_size).to(self.device)
+            batch = lambda window: attention_batch(rows, slots, self.block_size, window, self.device, self.dtype)
             if LayerKind.FULL in self.kinds or self.window is None:
-                full = self._attention_batch(plan, slots, num_chunked, None)
+                full = batch(None)
             if LayerKind.SLIDING in self.kinds:
-                sliding = full if self.window is None else self._attention_batch(plan, slots, num_chunked, self.window)
+                sliding = full if self.window is None else batch(self.window)
         if LayerKind.RECURRENT in self.kinds:
             if plan.verifies:
                 raise ValueError("a recurrent layer cannot roll back the state of rejected draft tokens")
             recurrent = self._recurrent_batch(plan, num_chunked)
         return ForwardBatch(full, sliding, recurrent)
 
-    def _slots(self, plan: StepPlan) -> torch.Tensor:
-        """Flat KV slot of every token: its sequence's block for position // block_size, plus offset."""
-        size = self.block_size
-        return torch.tensor([request.cache.block_table[position // size] * size + position % size
-                             for request, start, count in self._rows(plan)
-                             for position in range(start, start + count)], dtype=torch.long)
-
     @staticmethod
-    def _rows(plan: StepPlan):
-        """(request, first position, tokens) of each sequence in the step, in batch order."""
-        return ModelRunner._chunks(plan) + [(request, request.num_tokens - 1, 1) for request in plan.decodes]
-
-    @staticmethod
-    def _chunks(plan: StepPlan):
-        """(request, first position, tokens) of the prefill chunks, then of the verifies: the rows
-        that attend as a chunk (causally within themselves, to all keys before them)."""
-        return [(item.request, item.request.num_computed, item.num_tokens) for item in (*plan.prefills, *plan.verifies)]
-
-    def _attention_batch(self, plan: StepPlan, slots: torch.Tensor, num_chunked: int,
-                         window: int | None) -> AttentionBatch:
-        chunks, q_start = [], 0
-        for request, start, num_tokens in self._chunks(plan):
-            chunks.append(self._prefill_chunk(request, start, start + num_tokens, q_start, window))
-            q_start += num_tokens
-        decode = self._decode_batch(plan.decodes, num_chunked, window) if plan.decodes else None
-        return AttentionBatch(slots, tuple(chunks), decode)
-
-    def _window_blocks(self, request: Request, position: int, end: int, window: int | None) -> tuple[int, list[int]]:
-        """(first key position, block ids) of the keys a query at `position` may see, through position end - 1."""
-        first = 0 if window is None else max(0, position - window + 1) // self.block_size
-        blocks = request.cache.block_table[first:-(-end // self.block_size)]
-        if None in blocks:      # the cache releases only blocks wholly older than every window
-            raise RuntimeError(f"a released block lies inside the attention window of {request.request_id}")
-        return first * self.block_size, blocks
-
-    def _prefill_chunk(self, request: Request, start: int, end: int, q_start: int,
-                       window: int | None) -> PrefillChunk:
-        key_start, blocks = self._window_blocks(request, start, end, window)
-        table = torch.tensor(blocks, device=self.device)
-        mask = None
-        if start > 0 or (window is not None and end > window):
-            # additive and 4-D: the form SDPA's fused CPU kernel takes (a bool mask falls back to math)
-            keys = torch.arange(key_start, end, device=self.device)
-            queries = torch.arange(start, end, device=self.device)[:, None]
-            hidden = keys[None, :] > queries
-            if window is not None:
-                hidden |= keys[None, :] <= queries - window
-            mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
-            mask = mask[None, None]
-        return PrefillChunk(q_start, end - start, end - key_start, table, mask)
-
-    def _decode_batch(self, requests: tuple[Request, ...], q_start: int, window: int | None) -> DecodeBatch:
-        rows = [self._window_blocks(r, r.num_tokens - 1, r.num_tokens, window) for r in requests]
-        width = max(len(blocks) for _, blocks in rows)
-        tables = torch.zeros((len(requests), width), dtype=torch.long)
-        for row, (_, blocks) in enumerate(rows):
-            tables[row, :len(blocks)] = torch.tensor(blocks)
-        keys = torch.tensor([key_start for key_start, _ in rows])[:, None] + torch.arange(width * self.block_size)
-        queries = torch.tensor([r.num_tokens - 1 for r in requests])[:, None]
-        visible = keys <= queries
-        if window is not None:
-            visible &= keys > queries - window
-        return DecodeBatch(q_start, tables.to(self.device), visible[:, None, None, :].to(self.device))
+    def _rows(plan: StepPlan) -> list[SeqRows]:
+        """Each sequence's tokens in batch order: prefill chunks, verifies (chunks too), decodes."""
+        rows = [SeqRows(item.request.request_id, item.request.cache.block_table, item.request.num_computed,
+                        item.num_tokens, True) for item in (*plan.prefills, *plan.verifies)]
+        rows += [SeqRows(r.request_id, r.cache.block_table, r.num_tokens - 1, 1, False) for r in plan.decodes]
+        return rows
 
     def _recurrent_batch(self, plan: StepPlan, num_prefill: int) -> RecurrentBatch:
         chunks, q_start = [], 0
