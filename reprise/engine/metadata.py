@@ -16,7 +16,7 @@ from reprise.models.layers.batch import (AttentionBatch, DecodeBatch, KeySegment
                                          WindowedKeys)
 
 SEGMENT_TOKENS = 1024   # keys per segment: fewer kernel calls and merges vs. less gathered around a gap
-SHORT_CONTEXT = 256     # decodes seeing at most this many keys batch through one padded gather instead
+DECODE_GROUP_KEYS = 256  # decodes seeing up to this many keys pad together; above, per power-of-2 class
 
 
 @dataclass(frozen=True)
@@ -117,12 +117,19 @@ def _windowed_keys(row: SeqRows, block_size: int, window: int, device: torch.dev
 
 def _decode_batch(rows: list[SeqRows], q_start: int, block_size: int, window: int | None,
                   device: torch.device) -> DecodeBatch:
-    short = [i for i, row in enumerate(rows) if row.start + 1 - _first_key(row.start, window) <= SHORT_CONTEXT]
-    long_rows = tuple(i for i, row in enumerate(rows) if i not in set(short))
-    segments = tuple(_segments(rows[i].block_table, _first_key(rows[i].start, window), rows[i].start + 1,
-                               block_size, device) for i in long_rows)
-    padded = _padded([rows[i] for i in short], short, len(rows), block_size, window, device) if short else None
-    return DecodeBatch(q_start, padded, long_rows, segments)
+    """Decodes grouped by context length class (up to DECODE_GROUP_KEYS keys, then each doubling),
+    so a long context pads only the ones of its class."""
+    classes: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        classes.setdefault(_length_class(row.start + 1 - _first_key(row.start, window)), []).append(i)
+    groups = tuple(_padded([rows[i] for i in indices], indices, len(rows), block_size, window, device)
+                   for _, indices in sorted(classes.items()))
+    return DecodeBatch(q_start, groups)
+
+
+def _length_class(num_keys: int) -> int:
+    """0 up to DECODE_GROUP_KEYS keys; above, 2**(c-1) < num_keys <= 2**c gives c."""
+    return 0 if num_keys <= DECODE_GROUP_KEYS else (num_keys - 1).bit_length()
 
 
 def _padded(rows: list[SeqRows], indices: list[int], num_rows: int, block_size: int, window: int | None,

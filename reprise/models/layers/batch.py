@@ -5,7 +5,7 @@ decode token (one per sequence). Attention layers read keys through block tables
 read and write a state slot per sequence.
 
     tokens:    | prefill seq A (q_len_a) | prefill seq B (q_len_b) | decode x1 | decode x1 | ...
-    attention: A: prefix segments + its own K/V (causal)    decode: padded block tables, or segments
+    attention: A: prefix segments + its own K/V (causal)    decode: padded block tables, per length group
     recurrent: A: state slot_a                               decode: decode_slots[b]
 
 Segments read the KV cache in place wherever a sequence's blocks follow each other in the pool. A
@@ -54,7 +54,7 @@ class PrefillChunk:
 
 @dataclass(frozen=True)
 class PaddedDecode:
-    """Decodes of short contexts, batched: their keys gathered into one padded tensor."""
+    """Decodes of similar context lengths, batched: their keys gathered into one padded tensor."""
 
     rows: torch.Tensor | None    # [num_seqs] rows among the decode rows; None = every decode row
     block_tables: torch.Tensor   # [num_seqs, max_blocks], padded with any valid block id
@@ -63,13 +63,11 @@ class PaddedDecode:
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    """One query per sequence. Short contexts go padded together (`padded`); each long one reads
-    its keys in place, segment by segment (`segments[i]` for decode row `long_rows[i]`)."""
+    """One query per sequence, in groups of similar context length (so one long context never
+    pads the short ones to its length)."""
 
     q_start: int                 # decode tokens are the last tokens of the batch
-    padded: PaddedDecode | None
-    long_rows: tuple[int, ...] = ()
-    segments: tuple[tuple[KeySegment, ...], ...] = ()
+    groups: tuple[PaddedDecode, ...]
 
 
 @dataclass(frozen=True)
