@@ -14,6 +14,8 @@ def add_bench_parser(commands, engine_flags) -> argparse.ArgumentParser:
     engine_flags(bench)
     bench.add_argument("--prompt-tokens", type=int, default=2000, help="decode: prefill prompt length")
     bench.add_argument("--batch-sizes", default="1,8", help="decode: concurrent streams to measure")
+    bench.add_argument("--contexts", default="32",
+                       help="decode: prompt lengths the streams decode after (comma-separated), e.g. 64,3000")
     bench.add_argument("--sampling", default="plain",
                        help="decode: sampling modes to measure, of plain, penalties, json, tools_auto (comma-separated)")
     bench.add_argument("--decode-tokens", type=int, default=128,
@@ -48,7 +50,8 @@ def run_bench(args: argparse.Namespace, llm_kwargs: dict) -> int:
     if args.what == "decode":
         from reprise.bench.decode import run_decode
         result = run_decode(llm_kwargs, args.prompt_tokens, [int(b) for b in args.batch_sizes.split(",")],
-                            args.decode_tokens, args.sampling.split(","))
+                            args.decode_tokens, args.sampling.split(","),
+                            [int(c) for c in args.contexts.split(",")])
     elif args.what == "spec":
         from reprise.bench.spec import run_spec
         result = run_spec(llm_kwargs, args.decode_tokens, args.repeats)

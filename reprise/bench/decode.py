@@ -47,12 +47,16 @@ def measure_prefill(llm: LLM, num_tokens: int, rng: random.Random) -> float:
     return num_tokens / (time.perf_counter() - start)
 
 
-def measure_decode(llm: LLM, batch_size: int, num_tokens: int, rng: random.Random, sampling: str = "plain") -> float:
-    """Aggregate tokens/s once every stream has its first token, until all finish."""
+def measure_decode(llm: LLM, batch_size: int, num_tokens: int, rng: random.Random, sampling: str = "plain",
+                   context: int = 32) -> float:
+    """Aggregate tokens/s once every stream has its first token, until all finish. Each stream's
+    prompt is `context` tokens: a prefix shared by the streams (computed once, then a cache hit)
+    and 32 tokens of its own, so a long context costs one prefill, not one per stream."""
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=num_tokens, ignore_eos=True, **SAMPLING[sampling])
+    shared = random_prompt(llm, max(context - 32, 0), rng)
     for _ in range(batch_size):
-        engine.add_request(random_prompt(llm, 32, rng), params)
+        engine.add_request(shared + random_prompt(llm, min(context, 32), rng), params)
     started: set[str] = set()
     decode_start, generated = None, 0
     while engine.has_work:
@@ -67,20 +71,21 @@ def measure_decode(llm: LLM, batch_size: int, num_tokens: int, rng: random.Rando
 
 
 def run_decode(llm_kwargs: dict, prompt_tokens: int, batch_sizes: list[int], decode_tokens: int,
-               samplings: list[str] = ("plain",)) -> dict:
-    """Prefill, then decode per batch size and sampling mode; a mode other than plain also reports
-    its speed as a fraction of plain decoding at the same batch size."""
+               samplings: list[str] = ("plain",), contexts: list[int] = (32,)) -> dict:
+    """Prefill, then decode per context length, batch size and sampling mode; a mode other than
+    plain also reports its speed as a fraction of plain decoding at the same batch size."""
     llm = LLM(**llm_kwargs)
     rng = random.Random(0)
     measure_prefill(llm, 256, rng)                        # warm-up
     rows = [{"case": f"prefill {prompt_tokens} tokens", "tokens_per_s": measure_prefill(llm, prompt_tokens, rng)}]
-    for batch_size in tqdm(batch_sizes, desc="decode", leave=False):
+    for context, batch_size in tqdm([(c, b) for c in contexts for b in batch_sizes], desc="decode", leave=False):
         plain = None
         for sampling in samplings:
-            speed = measure_decode(llm, batch_size, decode_tokens, rng, sampling)
+            speed = measure_decode(llm, batch_size, decode_tokens, rng, sampling, context)
             plain = speed if sampling == "plain" else plain
-            row = {"case": f"decode batch {batch_size}" + ("" if sampling == "plain" else f", {sampling}"),
-                   "tokens_per_s": speed}
+            row = {"case": f"decode batch {batch_size}" + ("" if context == 32 else f", context {context}")
+                   + ("" if sampling == "plain" else f", {sampling}"),
+                   "tokens_per_s": speed, "tpot_ms": round(1000 * batch_size / speed, 2)}
             if sampling != "plain" and plain is not None:
                 row["vs_plain"] = round(speed / plain, 3)
             rows.append(row)

@@ -30,7 +30,7 @@ def _cpu_model() -> str:
 def print_table(rows: list[dict]) -> None:
     if not rows:
         return
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(key for row in rows for key in row))     # every row's keys, first seen first
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))

@@ -156,6 +156,7 @@ class Request:
         self.salt = salt
         self.pins = pins        # (num_tokens, ttl_seconds): prefixes the cache keeps pinned after it ends
         self.output_ids: list[int] = []
+        self._all_ids = list(prompt_ids)      # prompt + output, grown with output_ids (see all_ids)
         self.status = RequestStatus.WAITING
         self.num_computed = 0
         self.cache: SeqCache | None = None
@@ -174,7 +175,21 @@ class Request:
 
     @property
     def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+        """Prompt then output ids, one list kept in step with output_ids (read it, never modify it).
+        Tokens appended to output_ids join it on the next read; dropping tokens goes through
+        truncate_output, so a drop followed by an append can never leave it stale."""
+        ids = self._all_ids
+        missing = len(self.prompt_ids) + len(self.output_ids) - len(ids)
+        if missing > 0:
+            ids.extend(self.output_ids[-missing:])
+        elif missing < 0:
+            del ids[missing:]
+        return ids
+
+    def truncate_output(self, num_output: int) -> None:
+        """Keeps the first `num_output` output tokens."""
+        del self.output_ids[num_output:]
+        del self._all_ids[len(self.prompt_ids) + num_output:]
 
     @property
     def num_tokens(self) -> int:

@@ -8,35 +8,13 @@ from dataclasses import dataclass
 import torch
 
 from reprise.cache.layout import LayerKind
+from reprise.engine.plan import StepPlan
 from reprise.engine.request import Request, Sampled, TokenLogprob
 from reprise.engine.sampler import Sampler, token_logprobs
 from reprise.models import state_specs
 from reprise.models.config import ModelConfig, cache_layout
-from reprise.models.layers.batch import (AttentionBatch, DecodeBatch, ForwardBatch, PrefillChunk, RecurrentBatch,
-                                         RecurrentChunk)
-
-
-@dataclass(frozen=True)
-class ScheduledChunk:
-    request: Request
-    num_tokens: int             # tokens computed this step, from request.num_computed on
-    # logits of its last token pick the next one. The scheduler never sets it (a prompt's last token
-    # runs as a decode); tests read a prefill chunk's logits with it
-    samples: bool = False
-    checkpoint: int | None = None   # state slot the scheduler snapshots into after this chunk (its bookkeeping)
-
-
-@dataclass(frozen=True)
-class Verify:
-    """Speculative decoding: the request's last token plus drafted tokens, run as one chunk with
-    logits at every position, so the sampler can check each draft against the model's own choice."""
-
-    request: Request            # a decoding request: num_computed == num_tokens - 1
-    draft_ids: tuple[int, ...]  # guessed continuation of request.all_ids (at least one token)
-
-    @property
-    def num_tokens(self) -> int:
-        return 1 + len(self.draft_ids)
+from reprise.engine.metadata import SeqRows, attention_batch, slot_mapping
+from reprise.models.layers.batch import ForwardBatch, RecurrentBatch, RecurrentChunk
 
 
 @dataclass(frozen=True)
@@ -46,31 +24,6 @@ class PromptLogprobs:
     request_id: str
     first: int
     logprobs: list[TokenLogprob]
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """One engine step: prefill chunks, verifies (chunks too), then decodes (one token each).
-
-    Before the forward: block copies, then state copies (a checkpoint restored into a working slot);
-    a prefill chunk starting at position 0 has its slot's states zeroed. After the forward: state
-    snapshots (a working slot's state kept as a checkpoint). Pairs are (src, dst).
-    """
-
-    prefills: tuple[ScheduledChunk, ...]
-    decodes: tuple[Request, ...]
-    copies: tuple[tuple[int, int], ...]          # (src, dst) block copies for partial-block matches
-    state_copies: tuple[tuple[int, int], ...] = ()
-    state_snapshots: tuple[tuple[int, int], ...] = ()
-    verifies: tuple[Verify, ...] = ()            # attention-only models: recurrent state cannot roll back
-
-    @property
-    def empty(self) -> bool:
-        return not self.prefills and not self.decodes and not self.verifies
-
-    @property
-    def requests(self) -> list[Request]:
-        return [item.request for item in (*self.prefills, *self.verifies)] + list(self.decodes)
 
 
 def cpu_has_bf16() -> bool:
@@ -255,80 +208,26 @@ class ModelRunner:
     def _batch(self, plan: StepPlan, num_chunked: int) -> ForwardBatch:
         full = sliding = recurrent = None
         if self.kinds - {LayerKind.RECURRENT}:
-            slots = self._slots(plan).to(self.device)
+            rows = self._rows(plan)
+            slots = slot_mapping(rows, self.block_size).to(self.device)
+            batch = lambda window: attention_batch(rows, slots, self.block_size, window, self.device, self.dtype)
             if LayerKind.FULL in self.kinds or self.window is None:
-                full = self._attention_batch(plan, slots, num_chunked, None)
+                full = batch(None)
             if LayerKind.SLIDING in self.kinds:
-                sliding = full if self.window is None else self._attention_batch(plan, slots, num_chunked, self.window)
+                sliding = full if self.window is None else batch(self.window)
         if LayerKind.RECURRENT in self.kinds:
             if plan.verifies:
                 raise ValueError("a recurrent layer cannot roll back the state of rejected draft tokens")
             recurrent = self._recurrent_batch(plan, num_chunked)
         return ForwardBatch(full, sliding, recurrent)
 
-    def _slots(self, plan: StepPlan) -> torch.Tensor:
-        """Flat KV slot of every token: its sequence's block for position // block_size, plus offset."""
-        size = self.block_size
-        return torch.tensor([request.cache.block_table[position // size] * size + position % size
-                             for request, start, count in self._rows(plan)
-                             for position in range(start, start + count)], dtype=torch.long)
-
     @staticmethod
-    def _rows(plan: StepPlan):
-        """(request, first position, tokens) of each sequence in the step, in batch order."""
-        return ModelRunner._chunks(plan) + [(request, request.num_tokens - 1, 1) for request in plan.decodes]
-
-    @staticmethod
-    def _chunks(plan: StepPlan):
-        """(request, first position, tokens) of the prefill chunks, then of the verifies: the rows
-        that attend as a chunk (causally within themselves, to all keys before them)."""
-        return [(item.request, item.request.num_computed, item.num_tokens) for item in (*plan.prefills, *plan.verifies)]
-
-    def _attention_batch(self, plan: StepPlan, slots: torch.Tensor, num_chunked: int,
-                         window: int | None) -> AttentionBatch:
-        chunks, q_start = [], 0
-        for request, start, num_tokens in self._chunks(plan):
-            chunks.append(self._prefill_chunk(request, start, start + num_tokens, q_start, window))
-            q_start += num_tokens
-        decode = self._decode_batch(plan.decodes, num_chunked, window) if plan.decodes else None
-        return AttentionBatch(slots, tuple(chunks), decode)
-
-    def _window_blocks(self, request: Request, position: int, end: int, window: int | None) -> tuple[int, list[int]]:
-        """(first key position, block ids) of the keys a query at `position` may see, through position end - 1."""
-        first = 0 if window is None else max(0, position - window + 1) // self.block_size
-        blocks = request.cache.block_table[first:-(-end // self.block_size)]
-        if None in blocks:      # the cache releases only blocks wholly older than every window
-            raise RuntimeError(f"a released block lies inside the attention window of {request.request_id}")
-        return first * self.block_size, blocks
-
-    def _prefill_chunk(self, request: Request, start: int, end: int, q_start: int,
-                       window: int | None) -> PrefillChunk:
-        key_start, blocks = self._window_blocks(request, start, end, window)
-        table = torch.tensor(blocks, device=self.device)
-        mask = None
-        if start > 0 or (window is not None and end > window):
-            # additive and 4-D: the form SDPA's fused CPU kernel takes (a bool mask falls back to math)
-            keys = torch.arange(key_start, end, device=self.device)
-            queries = torch.arange(start, end, device=self.device)[:, None]
-            hidden = keys[None, :] > queries
-            if window is not None:
-                hidden |= keys[None, :] <= queries - window
-            mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
-            mask = mask[None, None]
-        return PrefillChunk(q_start, end - start, end - key_start, table, mask)
-
-    def _decode_batch(self, requests: tuple[Request, ...], q_start: int, window: int | None) -> DecodeBatch:
-        rows = [self._window_blocks(r, r.num_tokens - 1, r.num_tokens, window) for r in requests]
-        width = max(len(blocks) for _, blocks in rows)
-        tables = torch.zeros((len(requests), width), dtype=torch.long)
-        for row, (_, blocks) in enumerate(rows):
-            tables[row, :len(blocks)] = torch.tensor(blocks)
-        keys = torch.tensor([key_start for key_start, _ in rows])[:, None] + torch.arange(width * self.block_size)
-        queries = torch.tensor([r.num_tokens - 1 for r in requests])[:, None]
-        visible = keys <= queries
-        if window is not None:
-            visible &= keys > queries - window
-        return DecodeBatch(q_start, tables.to(self.device), visible[:, None, None, :].to(self.device))
+    def _rows(plan: StepPlan) -> list[SeqRows]:
+        """Each sequence's tokens in batch order: prefill chunks, verifies (chunks too), decodes."""
+        rows = [SeqRows(item.request.request_id, item.request.cache.block_table, item.request.num_computed,
+                        item.num_tokens, True) for item in (*plan.prefills, *plan.verifies)]
+        rows += [SeqRows(r.request_id, r.cache.block_table, r.num_tokens - 1, 1, False) for r in plan.decodes]
+        return rows
 
     def _recurrent_batch(self, plan: StepPlan, num_prefill: int) -> RecurrentBatch:
         chunks, q_start = [], 0

@@ -24,7 +24,7 @@ from collections import deque
 
 from reprise.cache.manager import CacheManager, Match, MissReason
 from reprise.engine.request import FinishReason, Request, RequestStatus
-from reprise.engine.runner import ScheduledChunk, StepPlan, Verify
+from reprise.engine.plan import ScheduledChunk, StepPlan, Verify
 from reprise.engine.speculative import NgramDrafter
 
 
@@ -269,7 +269,7 @@ class Scheduler:
     def truncate_output(self, request: Request, num_output: int) -> None:
         """Keeps the first `num_output` output tokens (a stop condition fell inside a verified run);
         the dropped ones no longer count as computed, so they never enter the prefix cache."""
-        del request.output_ids[num_output:]
+        request.truncate_output(num_output)
         request.num_computed = min(request.num_computed, request.num_tokens - 1)
 
     def finish(self, request: Request, reason: FinishReason) -> None:

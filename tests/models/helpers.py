@@ -5,7 +5,7 @@ import torch
 
 from reprise.engine.engine import Engine
 from reprise.engine.request import Request, SamplingParams
-from reprise.engine.runner import ScheduledChunk, StepPlan
+from reprise.engine.plan import ScheduledChunk, StepPlan
 
 
 def engine_logits(engine: Engine, ids: list[int], num_prompt: int, chunk: int = 48,

@@ -8,7 +8,7 @@ import torch
 from reprise.config import EngineConfig
 from reprise.engine.engine import Engine
 from reprise.engine.request import Request, SamplingParams
-from reprise.engine.runner import ScheduledChunk, StepPlan
+from reprise.engine.plan import ScheduledChunk, StepPlan
 from reprise.models.layers.gated_delta import RECURRENT_CHUNK
 from tests.models.test_hybrid_logits import CASES, tiny_model
 

@@ -5,11 +5,12 @@ decode token (one per sequence). Attention layers read keys through block tables
 read and write a state slot per sequence.
 
     tokens:    | prefill seq A (q_len_a) | prefill seq B (q_len_b) | decode x1 | decode x1 | ...
-    attention: A: keys of block_table_a, the first num_keys of them    decode: block_tables[b], masked
-    recurrent: A: state slot_a                                          decode: decode_slots[b]
+    attention: A: prefix segments + its own K/V (causal)    decode: padded block tables, per length group
+    recurrent: A: state slot_a                               decode: decode_slots[b]
 
-A sliding layer's block tables start at the first block its window reaches, so the gathered keys
-start at that block's first position, not at position 0; its masks hide keys older than the window.
+Segments read the KV cache in place wherever a sequence's blocks follow each other in the pool. A
+sliding layer's keys start where its window does; where the window hides some of a chunk's keys
+from some of its queries, that chunk takes the masked path (WindowedKeys).
 """
 from __future__ import annotations
 
@@ -19,23 +20,60 @@ import torch
 
 
 @dataclass(frozen=True)
-class PrefillChunk:
-    q_start: int                 # first token of this chunk in the flat batch
-    q_len: int                   # tokens computed in this chunk
-    num_keys: int                # keys gathered from block_table (from its first block's first position)
-    block_table: torch.Tensor    # [ceil(num_keys / block_size)] block ids
-    mask: torch.Tensor | None    # [1, 1, q_len, num_keys] additive (0 / -inf); None = plain causal from 0
+class KeySegment:
+    """Keys (and values) of consecutive positions of one sequence, `length` of them: flat cache slots
+    [start, start + length) read in place when `slots` is None (their blocks follow each other in
+    the pool), else gathered from `slots`. The attention over a segment does the same arithmetic
+    either way: only where a segment is cut (see metadata.py) changes the numerics."""
+
+    length: int
+    start: int = 0
+    slots: torch.Tensor | None = None       # [length] flat slots, where the blocks are scattered
 
 
 @dataclass(frozen=True)
-class DecodeBatch:
-    q_start: int                 # decode tokens are the last `num_seqs` tokens of the batch
+class WindowedKeys:
+    """A chunk's keys when a sliding window hides some of them from some of its queries: gathered
+    through block_table (from its first block's first position) under an additive mask."""
+
+    num_keys: int
+    block_table: torch.Tensor    # [ceil(num_keys / block_size)] block ids
+    mask: torch.Tensor           # [1, 1, q_len, num_keys] additive (0 / -inf)
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """A chunk attends to the keys before it (all visible to every query: `prefix`) and causally to
+    its own, which the layer takes from its fresh K/V, not from the cache."""
+
+    q_start: int                 # first token of this chunk in the flat batch
+    q_len: int                   # tokens computed in this chunk
+    prefix: tuple[KeySegment, ...] = ()
+    windowed: WindowedKeys | None = None    # set instead of prefix when a window cuts
+
+
+@dataclass(frozen=True)
+class PaddedDecode:
+    """Decodes of similar context lengths, batched: their keys gathered into one padded tensor."""
+
+    rows: torch.Tensor | None    # [num_seqs] rows among the decode rows; None = every decode row
     block_tables: torch.Tensor   # [num_seqs, max_blocks], padded with any valid block id
     mask: torch.Tensor           # [num_seqs, 1, 1, max_blocks * block_size] bool: key is visible
 
 
 @dataclass(frozen=True)
+class DecodeBatch:
+    """One query per sequence, in groups of similar context length (so one long context never
+    pads the short ones to its length)."""
+
+    q_start: int                 # decode tokens are the last tokens of the batch
+    groups: tuple[PaddedDecode, ...]
+
+
+@dataclass(frozen=True)
 class AttentionBatch:
+    """The attention metadata of a step, built once and read by every layer of its kind."""
+
     slot_mapping: torch.Tensor   # [num_tokens] flat slot (block * block_size + offset) for new K/V
     prefills: tuple[PrefillChunk, ...]
     decode: DecodeBatch | None
