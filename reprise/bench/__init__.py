@@ -31,6 +31,10 @@ def add_bench_parser(commands, engine_flags) -> argparse.ArgumentParser:
     bench.add_argument("--requests", type=int, default=300,
                        help="soak: requests to send (also uses --base-url, --api-key, --concurrency, "
                             "--request-timeout, --seed, --out)")
+    bench.add_argument("--admin-key", default=None,
+                       help="soak: the server's admin key, for /v1/cache/check with several --api-key (comma-separated)")
+    bench.add_argument("--reference-url", default=None,
+                       help="soak: run the same plan here first (a fault-free server) and compare greedy outputs")
     from reprise.bench import audit
     audit.add_arguments(bench)
     return bench
