@@ -36,7 +36,8 @@ WORDS = ("alpha river stone light number garden window paper music signal harbor
          "quiet moment travel button candle rocket velvet shadow ticket marble copper island meadow thunder "
          "lantern pepper saddle violin basket cotton desert feather galaxy hammer jungle kettle ladder mirror "
          "needle oyster pillow puzzle rabbit sugar tiger umbrella valley wagon zipper anchor blossom canyon "
-         "dragon falcon glacier honey ivory jacket lemon magnet nectar orbit pebble quartz ribbon spider tunnel").split()
+         "dragon falcon glacier honey ivory jacket lemon magnet nectar orbit pebble quartz ribbon spider "
+         "tunnel").split()
 DEFAULT_ALPHA = 0.01
 
 
@@ -224,7 +225,8 @@ def print_report(result: dict) -> None:
     for test in result["tests"].values():
         cached = (f"{test['planted_cached_tokens']:.0f}/{test['fresh_cached_tokens']:.0f}"
                   if test["planted_cached_tokens"] is not None and test["fresh_cached_tokens"] is not None else "-")
-        print(f"  {test['name']:<16} {test['planted_median_s'] * 1000:>10.1f}ms {test['fresh_median_s'] * 1000:>8.1f}ms "
+        planted_ms, fresh_ms = test["planted_median_s"] * 1000, test["fresh_median_s"] * 1000
+        print(f"  {test['name']:<16} {planted_ms:>10.1f}ms {fresh_ms:>8.1f}ms "
               f"{test['median_ratio']:>6.2f} {test['ks_statistic']:>6.2f} {test['ks_p_value']:>9.2e} "
               f"{test['mw_p_value']:>9.2e} {test['rank_biserial']:>6.2f} {cached:>15}  "
               f"{'detected' if test['detected'] else 'not detected'}")

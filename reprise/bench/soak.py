@@ -314,6 +314,7 @@ def print_summary(report: dict) -> None:
         print(f"  {'ok  ' if held else 'FAIL'} {name}")
     if "reference" in report:
         reference = report["reference"]
-        print(f"  greedy outputs  {reference['compared']} compared with the reference run, {reference['differ']} differ")
+        print(f"  greedy outputs  {reference['compared']} compared with the reference run, "
+              f"{reference['differ']} differ")
     for failure in report["failures"]:
         print(f"  failure: {failure}")

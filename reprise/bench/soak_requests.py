@@ -21,7 +21,8 @@ TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo", "Rome"]}},
                    "required": ["city"], "additionalProperties": False}}}]
-SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+          "additionalProperties": False}
 PATHS = {"messages": "/v1/messages", "responses": "/v1/responses", "completion": "/v1/completions",
          "completion_stream": "/v1/completions"}
 
@@ -118,17 +119,18 @@ def _output(kind: str, body: dict):
     try:
         if kind == "messages":
             assert body["type"] == "message" and "usage" in body
-            return json.dumps(body["content"])
+            return json.dumps(_without_ids(body["content"]))
         if kind == "responses":
             assert body["object"] == "response" and "usage" in body
-            return json.dumps(body["output"])
+            return json.dumps(_without_ids(body["output"]))
         assert "usage" in body
         choice = body["choices"][0]
         if "text" in choice:
             return choice["text"]
         message = choice["message"]
         if kind == "tools" and choice["finish_reason"] == "tool_calls":
-            calls = [(call["function"]["name"], json.loads(call["function"]["arguments"])) for call in message["tool_calls"]]
+            calls = [(call["function"]["name"], json.loads(call["function"]["arguments"]))
+                     for call in message["tool_calls"]]
             assert message["content"] is None and all(name == "get_weather" and set(args) == {"city"}
                                                       for name, args in calls), calls
             return json.dumps(calls)
@@ -139,6 +141,15 @@ def _output(kind: str, body: dict):
         return message["content"]
     except (AssertionError, KeyError, IndexError, TypeError, ValueError) as error:
         return error
+
+
+def _without_ids(value):
+    """`value` without the ids every run draws anew (items' and tool calls' ids)."""
+    if isinstance(value, dict):
+        return {key: _without_ids(item) for key, item in value.items() if key not in ("id", "call_id")}
+    if isinstance(value, list):
+        return [_without_ids(item) for item in value]
+    return value
 
 
 def _is_error_shape(kind: str, body) -> bool:
