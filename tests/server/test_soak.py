@@ -52,7 +52,7 @@ TENANTS, ADMIN = "soak-a,soak-b,soak-c", "soak-admin"
 
 
 def surface_flags(model, faults: bool) -> list[str]:
-    """The tiny model (ChatML) on a 512 KiB pool (128 blocks of 16 tokens, 4 KiB each): eviction, and
+    """The tiny model (ChatML) on a 512 KiB pool (64 blocks of 16 tokens): eviction, and
     preemption at 8 running."""
     template = model / "chatml.jinja"
     template.write_text(CHATML)
