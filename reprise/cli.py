@@ -90,7 +90,7 @@ def _llm_kwargs(args: argparse.Namespace) -> dict:
 
 def _bench(args: argparse.Namespace) -> int:
     from reprise.bench import run_bench
-    return run_bench(args, _llm_kwargs(args) if args.what != "serve" else {})
+    return run_bench(args, _llm_kwargs(args) if args.what not in ("serve", "audit") else {})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,7 @@
 """`reprise bench decode|prefix|spec`: in-process benchmarks that print a table and write JSON;
 `reprise bench serve`: the same questions asked over HTTP of any OpenAI-compatible server;
-`reprise bench compare`: serve results side by side."""
+`reprise bench compare`: serve results side by side; `reprise bench audit`: is a server's cache
+shared across API keys (audit.py)."""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +10,8 @@ import argparse
 def add_bench_parser(commands, engine_flags) -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks: decode (throughput), prefix (cache TTFT), "
                                    "spec (speculative decoding), serve (any OpenAI-compatible server), "
-                                   "compare (serve results)")
-    bench.add_argument("what", choices=["decode", "prefix", "spec", "serve", "compare", "soak"])
+                                   "compare (serve results), soak (a mixed load), audit (cache shared across keys?)")
+    bench.add_argument("what", choices=["decode", "prefix", "spec", "serve", "compare", "soak", "audit"])
     engine_flags(bench)
     bench.add_argument("--prompt-tokens", type=int, default=2000, help="decode: prefill prompt length")
     bench.add_argument("--batch-sizes", default="1,8", help="decode: concurrent streams to measure")
@@ -32,6 +33,12 @@ def add_bench_parser(commands, engine_flags) -> argparse.ArgumentParser:
     bench.add_argument("--requests", type=int, default=300,
                        help="soak: requests to send (also uses --base-url, --api-key, --concurrency, "
                             "--request-timeout, --seed, --out)")
+    bench.add_argument("--admin-key", default=None,
+                       help="soak: the server's admin key, for /v1/cache/check with several --api-key (comma-separated)")
+    bench.add_argument("--reference-url", default=None,
+                       help="soak: run the same plan here first (a fault-free server) and compare greedy outputs")
+    from reprise.bench import audit
+    audit.add_arguments(bench)
     return bench
 
 
@@ -41,6 +48,9 @@ def run_bench(args: argparse.Namespace, llm_kwargs: dict) -> int:
         from reprise.bench.serve import run_serve
         run_serve(args)
         return 0
+    if args.what == "audit":
+        from reprise.bench.audit import run
+        return run(args)
     if args.what == "soak":
         from reprise.bench.soak import run_soak_command
         return run_soak_command(args)

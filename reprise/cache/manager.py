@@ -166,7 +166,11 @@ class CacheManager:
         return Match(0, (), None, None, reason, None)
 
     def _miss_reason(self, found: IndexMatch, query: Sequence[int], salt: str | None) -> MissReason | None:
-        # Only the shared namespace is consulted: one tenant's cache is never revealed to another.
+        # Only the shared namespace is consulted, never another salt's: one tenant's cache is never
+        # revealed to another. The server keeps the shared namespace to those who may read it
+        # anyway: with several API keys (a namespace each) no request runs unsalted, so it stays
+        # empty; it fills only without keys, with one key, or with --shared-cache, where any caller
+        # can send the same prompt without cache_salt and see the hit.
         if salt is not None and found.stop is not Stop.EXHAUSTED:
             if self.index.match(query, None).length > found.length:
                 return MissReason.SALT

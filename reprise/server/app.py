@@ -5,7 +5,9 @@ Routes: POST /v1/chat/completions, POST /v1/completions, POST /v1/messages and
 Responses API, responses_api.py), POST /v1/cache/lookup (dry-run match),
 GET /v1/cache/check (the cache's invariants, recounted), GET /v1/models, POST /tokenize and
 /detokenize (vLLM's shapes), GET /version, GET and HEAD /health (503 once the engine thread is
-gone), GET /metrics. With API keys, /v1/* needs `Authorization: Bearer KEY` (or `x-api-key: KEY`); /health, /version and
+gone), GET /metrics. With API keys, /v1/* needs `Authorization: Bearer KEY` (or `x-api-key: KEY`), and
+several keys are several tenants, each in its own cache namespace unless --shared-cache; /v1/cache/check
+sees across tenants and needs --admin-key where there is more than one key (middleware.BearerAuth); /health, /version and
 /metrics stay open (so do /tokenize and /detokenize, as in vLLM: they touch no cache). With
 --allowed-origins, browsers' CORS preflights are answered. Bodies past --max-body-bytes get 413 before any parsing. Every
 error has OpenAI's shape (errors.py). A request is admitted (or refused with 429) before its
@@ -118,9 +120,9 @@ def create_app(async_engine: AsyncEngine, config: ServerConfig = ServerConfig())
 
 
 def _install_middleware(app: FastAPI, config: ServerConfig) -> None:
-    app.add_middleware(BodyLimit, max_body_bytes=config.max_body_bytes)
-    if config.api_keys:             # added after the limit, so it runs first: a refused caller sends no body
-        app.add_middleware(BearerAuth, api_keys=config.api_keys, salt_per_key=config.salt_per_key)
+    app.add_middleware(BodyLimit, max_body_bytes=config.max_body_bytes, read_timeout_s=config.read_timeout_s)
+    if config.api_keys or config.admin_key:     # added after the limit, so it runs first: a refused caller sends no body
+        app.add_middleware(BearerAuth, api_keys=config.api_keys, isolated=config.isolated, admin_key=config.admin_key)
     if config.allowed_origins:      # outermost: a preflight carries no key, and errors need CORS headers too
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"], allow_credentials="*" not in config.allowed_origins)

@@ -14,6 +14,9 @@ from reprise.config import format_bytes, parse_bytes
 DEFAULT_MAX_WAITING = 256
 DEFAULT_MAX_BODY_BYTES = 2 * 2**20      # ~500K tokens of text: tokenizing more stalls the event loop
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+DEFAULT_KEEP_ALIVE_S = 5.0              # an idle keep-alive connection is closed after this
+DEFAULT_READ_TIMEOUT_S = 30.0           # a request's head, and then its body, must arrive within this
+DEFAULT_MAX_CONNECTIONS = 512           # open connections at once; past it new requests get 503
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: tuple[str, ...] = ()           # any of them is accepted; empty = no key needed
-    salt_per_key: bool = False               # each key gets its own cache namespace (needs api_keys)
+    shared_cache: bool = False               # several keys share one cache namespace (else one each)
+    admin_key: str | None = None             # the only key that sees across tenants (/v1/cache/check)
     served_model_name: str | None = None
     max_waiting: int = DEFAULT_MAX_WAITING   # accepted but not yet running; beyond it: 429
     max_prompt_tokens: int | None = None     # per request, summed over its prompts; None = the context
@@ -35,19 +39,30 @@ class ServerConfig:
     reasoning_parser: str | None = None      # None = chosen from the template
     allowed_origins: tuple[str, ...] = ()    # CORS: browser origins allowed to call ("*" = any)
     continuation_prefill: bool = True        # cache a chat reply as the next turn renders it, when that differs
+    keep_alive_s: float = DEFAULT_KEEP_ALIVE_S
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     def __post_init__(self):
-        if self.salt_per_key and not self.api_keys:
-            raise ValueError("--salt-per-key needs at least one --api-key")
-        if any(not key for key in self.api_keys):
+        if any(not key for key in self.api_keys) or self.admin_key == "":
             raise ValueError("an API key must not be empty")
-        for name in ("max_waiting", "max_body_bytes"):
+        if self.admin_key is not None and self.admin_key in self.api_keys:
+            raise ValueError("the admin key must differ from every --api-key")
+        for name in ("max_waiting", "max_body_bytes", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError("max_prompt_tokens must be at least 1")
         if self.shutdown_timeout < 0:
             raise ValueError("shutdown_timeout must be >= 0")
+        if self.keep_alive_s <= 0 or self.read_timeout_s <= 0:
+            raise ValueError("--keep-alive-timeout and --read-timeout must be > 0")
+
+    @property
+    def isolated(self) -> bool:
+        """Each API key is a tenant with its own cache namespace: several keys, not --shared-cache.
+        (One key is one tenant, and needs no salt: it shares the namespace with nobody.)"""
+        return len(self.api_keys) > 1 and not self.shared_cache
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +72,21 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", action="append", default=None, metavar="KEY",
                         help="require 'Authorization: Bearer KEY'; repeat or comma-separate for several keys "
                              "(default: env REPRISE_API_KEY, also comma-separated)")
-    parser.add_argument("--salt-per-key", action="store_true",
-                        help="give each API key its own cache namespace (a request's cache_salt is combined with it)")
+    parser.add_argument("--shared-cache", action="store_true",
+                        help="let several API keys share one cache namespace; any key can then learn, by "
+                             "timing or /v1/cache/lookup, whether another key sent a prompt (default: a "
+                             "namespace per key, and a request's cache_salt is combined with it)")
+    parser.add_argument("--salt-per-key", action="store_true", help=argparse.SUPPRESS)   # the default now
+    parser.add_argument("--admin-key", default=None, metavar="KEY",
+                        help="the key that sees across tenants: /v1/cache/check, the dashboard's every "
+                             "namespace; not an inference key (default: env REPRISE_ADMIN_KEY)")
+    parser.add_argument("--keep-alive-timeout", type=float, default=DEFAULT_KEEP_ALIVE_S, metavar="S",
+                        help=f"close an idle keep-alive connection after S seconds (default: {DEFAULT_KEEP_ALIVE_S:g})")
+    parser.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT_S, metavar="S",
+                        help="a request's headers, then its body, must arrive within S seconds each, else the "
+                             f"connection is closed (body: 408) (default: {DEFAULT_READ_TIMEOUT_S:g})")
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                        help=f"open connections at once; past it new requests get 503 (default: {DEFAULT_MAX_CONNECTIONS})")
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                         help="requests accepted but not yet running; beyond it new ones get 429 with Retry-After")
@@ -86,13 +114,25 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
 def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=args.host, port=args.port,
                         api_keys=parse_api_keys(args.api_key, os.environ.get("REPRISE_API_KEY")),
-                        salt_per_key=args.salt_per_key, served_model_name=args.served_model_name,
+                        shared_cache=_shared_cache(args), admin_key=args.admin_key or os.environ.get("REPRISE_ADMIN_KEY"),
+                        served_model_name=args.served_model_name,
                         max_waiting=args.max_waiting, max_prompt_tokens=args.max_prompt_tokens,
                         max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
                         log_prompts=args.log_prompts, chat_template=args.chat_template,
                         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
                         allowed_origins=_split(args.allowed_origins or ()),
-                        continuation_prefill=not args.no_continuation_prefill)
+                        continuation_prefill=not args.no_continuation_prefill,
+                        keep_alive_s=args.keep_alive_timeout, read_timeout_s=args.read_timeout,
+                        max_connections=args.max_connections)
+
+
+def _shared_cache(args: argparse.Namespace) -> bool:
+    """--salt-per-key (a namespace per key) is the default now: still accepted, it only contradicts
+    --shared-cache."""
+    if args.salt_per_key and args.shared_cache:
+        raise ValueError("--salt-per-key and --shared-cache contradict each other (a namespace per key is the "
+                         "default; drop --salt-per-key)")
+    return args.shared_cache
 
 
 def parse_api_keys(values: list[str] | None, env_value: str | None) -> tuple[str, ...]:

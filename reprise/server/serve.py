@@ -18,6 +18,12 @@ from reprise.engine.async_engine import AsyncEngine
 from reprise.engine.engine import Engine
 from reprise.server.app import create_app
 from reprise.server.config import ServerConfig
+from reprise.server.connections import timed_h11
+
+SHARED_CACHE_WARNING = ("--shared-cache: the API keys share one prefix cache, so any key can learn whether "
+                        "another key sent a prompt, by timing its own requests or by POST /v1/cache/lookup "
+                        "(reprise bench audit measures it). Leave it off unless every key holder may see "
+                        "every other's prompts.")
 
 
 def serve(config: EngineConfig, server: ServerConfig = ServerConfig()) -> None:
@@ -28,8 +34,13 @@ def serve(config: EngineConfig, server: ServerConfig = ServerConfig()) -> None:
     async_engine = AsyncEngine(engine, start=False)
     app = create_app(async_engine, server)
     print(banner(engine, app.state.serving.model_name, server), file=sys.stderr, flush=True)
+    if len(server.api_keys) > 1 and server.shared_cache:
+        logging.getLogger("reprise").warning(SHARED_CACHE_WARNING)
     http = uvicorn.Server(uvicorn.Config(app, host=server.host, port=server.port, log_level="warning",
-                                         timeout_graceful_shutdown=server.shutdown_timeout))
+                                         timeout_graceful_shutdown=server.shutdown_timeout,
+                                         http=timed_h11(server.read_timeout_s), timeout_keep_alive=server.keep_alive_s,
+                                         # uvicorn counts the connection asking: N + 1 lets N be served
+                                         limit_concurrency=server.max_connections + 1))
     thread = threading.Thread(target=_serve_http, args=(http, async_engine), name="reprise-http")
     previous = {signum: signal.signal(signum, lambda *_: _stop(http)) for signum in (signal.SIGTERM, signal.SIGINT)}
     thread.start()
@@ -77,7 +88,9 @@ def banner(engine: Engine, model_name: str, server: ServerConfig) -> str:
     pool_tokens = engine.num_blocks * engine.block_size
     dtype = str(engine.dtype).removeprefix("torch.")
     keys = f", {len(server.api_keys)} API key(s)" if server.api_keys else ""
-    salted = ", a cache namespace per key" if server.salt_per_key else ""
+    salted = (", one cache namespace shared by all keys" if server.shared_cache else ", a cache namespace per key") \
+        if len(server.api_keys) > 1 else ""
+    salted += ", an admin key" if server.admin_key is not None else ""
     drafter = engine.drafter
     speculative = (f", speculative decoding: ngram ({drafter.num_draft_tokens} draft tokens, n-grams "
                    f"{drafter.ngram_max}..{drafter.ngram_min})") if drafter else ""
@@ -89,7 +102,8 @@ def banner(engine: Engine, model_name: str, server: ServerConfig) -> str:
         f"  KV pool {engine.num_blocks} blocks x {engine.block_size} tokens = {pool_tokens} tokens "
         f"({format_bytes(engine.kv_cache_bytes)})",
         f"  prefix cache {'on' if engine.config.prefix_cache else 'off'}{keys}{salted}{_tiers(engine)}",
-        f"  at most {server.max_waiting} requests waiting, {format_bytes(server.max_body_bytes)} per body"
+        f"  at most {server.max_waiting} requests waiting, {server.max_connections} connections, "
+        f"{format_bytes(server.max_body_bytes)} per body in {server.read_timeout_s:g} s"
         f"{', prompts logged' if server.log_prompts else ''}",
         f"  listening on http://{server.host}:{server.port}/v1",
     ]

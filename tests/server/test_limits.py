@@ -1,5 +1,6 @@
-"""Admission control, size limits, several API keys and per-key cache namespaces, on a server of their
-own: one running request at most, 2 waiting, 200 prompt tokens and 64 KiB of body per request."""
+"""Admission control, size limits, several API keys and per-key cache namespaces (the default with
+several keys), on a server of their own: one running request at most, 2 waiting, 200 prompt tokens and
+64 KiB of body per request; an admin key for /v1/cache/check."""
 from __future__ import annotations
 
 import asyncio
@@ -10,11 +11,11 @@ import pytest
 from tests.server.helpers import launch, wait_idle
 from tests.server.test_errors import assert_error
 
-KEY_A, KEY_B = "tenant-a-key-91c2", "tenant-b-key-4d7e"
+KEY_A, KEY_B, ADMIN_KEY = "tenant-a-key-91c2", "tenant-b-key-4d7e", "admin-key-5e0b"
 MAX_WAITING, MAX_PROMPT_TOKENS, MAX_BODY_BYTES = 2, 200, 65536
 FLAGS = ["--dtype", "float32", "--kv-cache-bytes", "64MiB", "--max-num-seqs", "1", "--max-waiting", str(MAX_WAITING),
          "--max-prompt-tokens", str(MAX_PROMPT_TOKENS), "--max-body-bytes", str(MAX_BODY_BYTES),
-         "--api-key", KEY_A, "--api-key", KEY_B, "--salt-per-key"]
+         "--api-key", KEY_A, "--api-key", KEY_B, "--admin-key", ADMIN_KEY]
 FIXED = {"temperature": 0, "ignore_eos": True}
 MARKER = "zebra-quartz-9931"            # sent in prompts and bad fields; must never reach the log
 
@@ -69,7 +70,8 @@ def test_a_flood_past_max_waiting_gets_429_with_retry_after(limited, http_a):
         else:
             assert response.json()["usage"]["completion_tokens"] == 24
     assert wait_idle(http_a)["used"] == 0
-    assert http_a.get("/v1/cache/check").json()["ok"]
+    check = httpx.get(f"{limited.url}/v1/cache/check", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert check.json()["ok"]
 
 
 def test_prompt_past_max_prompt_tokens_is_413_and_at_it_runs(http_a):
@@ -129,5 +131,5 @@ def test_prompts_and_bad_input_stay_out_of_the_log(limited, http_a):
     assert http_a.post("/v1/completions", json={"prompt": "x", "model": MARKER}).status_code == 404
     assert http_a.post("/v1/completions", json={"prompt": "x", "stop": {MARKER: 1}}).status_code == 400
     log = limited.log()
-    assert MARKER not in log and KEY_A not in log and KEY_B not in log
+    assert MARKER not in log and KEY_A not in log and KEY_B not in log and ADMIN_KEY not in log
     assert "Traceback" not in log

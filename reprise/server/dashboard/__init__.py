@@ -8,11 +8,11 @@ How tenants are kept apart:
   Bearer check like every /v1 route; the pages accept `Authorization: Bearer KEY` or HTTP Basic
   with the key as password (so a browser prompts for it), compared in constant time with every key.
   The pages hold no data: their scripts ask for the key once more to call /v1 themselves.
-- With --salt-per-key, a caller sees only its own key's namespaces (the key's salt and the
-  `<key salt>:<cache_salt>` ones under it) in everything keyed by namespace: the tree, the recent
-  requests, per-namespace hit rates, TTFT by hit and miss. Keys without --salt-per-key share one
-  namespace, so their holders see it all. There is no admin key yet, so nobody sees other keys'
-  namespaces. Engine-wide numbers (pool blocks, the cache's hit and query counters, evictions,
+- With several keys (each its own namespace, the default), a caller sees only its own key's
+  namespaces (the key's salt and the `<key salt>:<cache_salt>` ones under it) in everything keyed
+  by namespace: the tree, the recent requests, per-namespace hit rates, TTFT by hit and miss. One
+  key, or keys with --shared-cache, share one namespace, so their holders see it all. The admin
+  key (--admin-key) sees every namespace. Engine-wide numbers (pool blocks, the cache's hit and query counters, evictions,
   preemptions) are shown to every caller: /metrics already publishes them without a key.
 - Namespaces are named by a short digest of their salt ("shared" without one), never by the salt;
   token text appears in the tree only when the server runs with --log-prompts.
@@ -45,20 +45,21 @@ def install_dashboard(app: FastAPI, async_engine: AsyncEngine, ledger: RequestLe
     history = PoolHistory(async_engine, ledger)
     history.start()
     keyed = bool(config.api_keys)
+    page_keys = config.api_keys + ((config.admin_key,) if config.admin_key is not None and keyed else ())
 
     @app.get("/dashboard")
     async def dashboard(request: Request) -> Response:
-        return _page(request, config, "dashboard.html")
+        return _page(request, page_keys, "dashboard.html")
 
     @app.get("/chat")
     async def chat(request: Request) -> Response:
-        return _page(request, config, "chat.html")
+        return _page(request, page_keys, "chat.html")
 
     @app.get("/dashboard/assets/{name}")
     async def asset(name: str, request: Request) -> Response:
         if name not in _ASSETS:
             raise APIError(404, f"no dashboard asset {name!r}", code="not_found")
-        return _page(request, config, name, _ASSETS[name])
+        return _page(request, page_keys, name, _ASSETS[name])
 
     @app.get("/v1/dashboard/state")
     async def state(request: Request) -> dict:
@@ -66,8 +67,8 @@ def install_dashboard(app: FastAPI, async_engine: AsyncEngine, ledger: RequestLe
         return await build_state(async_engine, history, ledger, visible, own, config.log_prompts)
 
 
-def _page(request: Request, config: ServerConfig, name: str, media_type: str = "text/html") -> Response:
-    if config.api_keys and not _has_key(request.headers.get("authorization", ""), config.api_keys):
+def _page(request: Request, keys: tuple[str, ...], name: str, media_type: str = "text/html") -> Response:
+    if keys and not _has_key(request.headers.get("authorization", ""), keys):
         raise APIError(401, "The dashboard needs an API key: send 'Authorization: Bearer <key>', or sign in with "
                        "the key as password.", code="invalid_api_key",
                        headers={"WWW-Authenticate": 'Basic realm="reprise", charset="UTF-8"'})

@@ -22,8 +22,9 @@ Visible = Callable[[str | None], bool]
 
 
 def caller_scope(tenant_salt: str | None, keyed: bool) -> tuple[Visible, list[str] | None]:
-    """(visible(salt), the caller's own namespace labels or None for all). Without API keys, or with
-    keys that share one namespace (no --salt-per-key), every namespace; with a key's own salt, the
+    """(visible(salt), the caller's own namespace labels or None for all). Without API keys, with
+    keys that share one namespace (one key, or --shared-cache), or for the admin key (which has no
+    salt), every namespace; with a key's own salt (several keys, the default), the
     key's namespace and the ones its clients' `cache_salt`s make under it (`<key salt>:<salt>`)."""
     if not keyed or tenant_salt is None:
         return (lambda salt: True), None
