@@ -88,9 +88,12 @@ def _llm_kwargs(args: argparse.Namespace) -> dict:
     return dataclasses.asdict(engine_config(args))
 
 
+IN_PROCESS = ("decode", "prefix", "spec")     # bench modes that load the model; the rest are clients
+
+
 def _bench(args: argparse.Namespace) -> int:
     from reprise.bench import run_bench
-    return run_bench(args, _llm_kwargs(args) if args.what not in ("serve", "audit") else {})
+    return run_bench(args, _llm_kwargs(args) if args.what in IN_PROCESS else {})
 
 
 def build_parser() -> argparse.ArgumentParser:

