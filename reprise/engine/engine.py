@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reprise.cache.manager import CacheManager, CacheStats
+from reprise.cache.manager import CacheManager, CacheStats, Match
 from reprise.config import EngineConfig, format_bytes
 from reprise.engine.detokenize import IncrementalDetokenizer
 from reprise.chat.grammar import Grammars
@@ -21,7 +21,6 @@ from reprise.engine.tier_link import TierLink
 from reprise.engine.tiers import build_observers, build_tiers, fingerprint, kv_layout_string
 from reprise.loader import load_model
 from reprise.models import build_model
-from reprise.models.layers.gated_delta import RECURRENT_CHUNK
 from reprise.models.layers.quant import weights_bytes
 
 log = logging.getLogger("reprise")
@@ -118,7 +117,7 @@ class Engine:
                                   max_pinned_fraction=config.max_pinned_fraction, listener=self.tiers)
         if self.tiers is not None:
             self.tiers.cache = self.cache
-        grid = math.lcm(self.block_size, RECURRENT_CHUNK) if layout.has_recurrent else self.block_size
+        grid = math.lcm(self.block_size, model.chunk_alignment)      # hot and cold cut chunks alike
         interval = -(-config.checkpoint_interval // grid) * grid       # rounded up onto the chunk grid
         self.drafter = self._drafter(layout)
         self.scheduler = Scheduler(self.cache, self.block_size, config.max_num_seqs, config.max_num_batched_tokens,
@@ -149,6 +148,19 @@ class Engine:
         layout_text = kv_layout_string(layout, self.model_config.num_key_value_heads, self.model_config.head_dim)
         digest = fingerprint(model, self.dtype, self.block_size, layout_text)
         return TierLink(build_tiers(config, digest), observers, None, digest, self.block_size)
+
+    def lookup(self, prompt_ids: list[int], salt: str | None) -> Match:
+        """The cache match `prompt_ids` would get now under `salt`, without running (POST /v1/cache/lookup)."""
+        return self.cache.match(prompt_ids, salt)
+
+    def check_cache(self) -> tuple[CacheStats, str | None]:
+        """The cache's block states and its recounted invariants (DESIGN.md section 3): the first
+        violation found, or None. Walks the whole pool: tests and soak runs only."""
+        try:
+            self.cache.check_invariants()
+        except AssertionError as error:
+            return self.cache.stats, str(error)
+        return self.cache.stats, None
 
     def close(self) -> None:
         """Flushes the tiers' queued writes and stops their threads (graceful shutdown)."""

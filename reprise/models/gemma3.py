@@ -46,6 +46,8 @@ class DecoderLayer(nn.Module):
 
 
 class Gemma3ForCausalLM(nn.Module):
+    chunk_alignment = 1     # prefill chunks may end at any token
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config

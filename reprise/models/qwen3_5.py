@@ -15,7 +15,7 @@ from reprise.cache.layout import LayerKind
 from reprise.models.config import ModelConfig, cache_layout
 from reprise.models.layers.attention import Attention
 from reprise.models.layers.batch import ForwardBatch
-from reprise.models.layers.gated_delta import GatedDeltaNet
+from reprise.models.layers.gated_delta import RECURRENT_CHUNK, GatedDeltaNet
 from reprise.models.layers.mlp import MLP
 from reprise.models.layers.norm import OffsetRMSNorm
 from reprise.models.layers.rope import RotaryEmbedding
@@ -44,6 +44,8 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen3_5ForCausalLM(nn.Module):
+    chunk_alignment = RECURRENT_CHUNK    # the recurrence computes in chunks: cuts on its grid keep hot == cold
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config

@@ -114,7 +114,7 @@ def create_app(async_engine: AsyncEngine, config: ServerConfig = ServerConfig())
 
     @app.get("/v1/cache/check")
     async def cache_check() -> dict:
-        return await asyncio.to_thread(async_engine.call, _check_cache, engine.cache)
+        return await asyncio.to_thread(async_engine.call, _check_cache, engine)
 
     return app
 
@@ -132,15 +132,10 @@ def _tenant_salt(request: Request) -> str | None:
     return request.scope.get("state", {}).get(TENANT_SALT)
 
 
-def _check_cache(cache) -> dict:
+def _check_cache(engine) -> dict:
     """{ok, violation, num_blocks, blocks}: the recounted invariants (DESIGN.md section 3) and the
     block states; run between engine steps. Walks the whole pool: for tests and soak runs."""
-    stats = cache.stats
-    try:
-        cache.check_invariants()
-        violation = None
-    except AssertionError as error:
-        violation = str(error)
+    stats, violation = engine.check_cache()
     blocks = {"used": stats.blocks_used, "cached": stats.blocks_cached, "free": stats.blocks_free}
     ok = violation is None and sum(blocks.values()) == stats.num_blocks
     return {"ok": ok, "violation": violation, "num_blocks": stats.num_blocks, "blocks": blocks}

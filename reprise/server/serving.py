@@ -274,7 +274,7 @@ class Serving:
         """The cache match a request would get, without running it (POST /v1/cache/lookup)."""
         salt = tenant_cache_salt(tenant_salt, body.cache_salt)
         prompt_ids = self._prompt_of(body, self.replies, salt)
-        match = await asyncio.to_thread(self.async_engine.call, self.engine.cache.match, prompt_ids, salt)
+        match = await asyncio.to_thread(self.async_engine.call, self.engine.lookup, prompt_ids, salt)
         return CacheReport(cached_tokens=match.cached_tokens, prompt_tokens=len(prompt_ids),
                            diverged_at=match.diverged_at, miss_reason=match.miss.value if match.miss else None)
 
