@@ -69,8 +69,9 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if self.dense_ok and flat.shape[0] >= DENSE_FROM_ROWS:
-            out = torch.cat([F.linear(flat, self.dense(start, start + _DENSE_TILE).to(torch.bfloat16))
-                             for start in range(0, self.out_features, _DENSE_TILE)], dim=-1)
+            tiles = [F.linear(flat, self.dense(start, start + _DENSE_TILE).to(torch.bfloat16))
+                     for start in range(0, self.out_features, _DENSE_TILE)]
+            out = tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(expand(flat, self.chunk, self.coefs), self.packed,
                                                               GROUP, self.scales_zeros.view(torch.bfloat16))
