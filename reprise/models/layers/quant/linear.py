@@ -25,7 +25,8 @@ _ROW_BLOCK = 64             # rows the CPU packing interleaves
 # rows from which unpacking W for a dense matmul beats the kernel (crossover measured near 128 for
 # 576 x 1536 weights on 2 cores: kernel 0.70 ms at 64 rows, 5.4 ms at 512; unpack 0.8 ms + dense 2.2 ms)
 DENSE_FROM_ROWS = 128
-_DENSE_TILE = 2048          # weight rows unpacked at a time for a dense matmul, bounding the scratch
+_DENSE_TILE = 2048
+_LOW_NIBBLES = 0x0F0F0F0F          # weight rows unpacked at a time for a dense matmul, bounding the scratch
 
 
 def pack(weight: GGMLTensor) -> Packing:
@@ -86,7 +87,9 @@ class QuantizedLinear(nn.Module):
         `_packing_is_row_blocked`)."""
         stop = min(self.out_features if stop is None else stop, self.out_features)
         packed = self.packed.view(-1, self.num_positions, _ROW_BLOCK // 2)[start // _ROW_BLOCK:stop // _ROW_BLOCK]
-        levels = torch.stack([packed & 15, packed >> 4], dim=1).transpose(2, 3).reshape(stop - start, -1)
+        words = packed.view(torch.int32)                  # nibbles split 4 bytes at a time
+        low, high = (words & _LOW_NIBBLES).view(torch.uint8), ((words >> 4) & _LOW_NIBBLES).view(torch.uint8)
+        levels = torch.stack([low, high], dim=1).transpose(2, 3).reshape(stop - start, -1)
         return self._weights(levels, self.scales_zeros.view(torch.bfloat16)[:, start:stop])
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
