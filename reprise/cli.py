@@ -14,7 +14,7 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="compute dtype (default: bfloat16 where the CPU has native bf16 matmul, else float32)")
     parser.add_argument("--weights", default=None, choices=["native", "bfloat16", "float32"],
-                        help="native keeps GGUF weights quantized (Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K; other types "
+                        help="native keeps GGUF weights quantized (Q4_0/1, Q5_0/1, Q8_0, Q2_K-Q6_K; other types "
                              "are dequantized); bfloat16/float32 dequantize every weight at load "
                              "(default: native for GGUF on CPU in bfloat16)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

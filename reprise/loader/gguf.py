@@ -17,37 +17,14 @@ from tqdm import tqdm
 
 from reprise.loader.errors import LoadError
 from reprise.models.config import ModelConfig
+from reprise.loader.gguf_families import GGUF_ARCHITECTURES, TOP_LEVEL, family_fields, layer_name, restore_values
 from reprise.models.layers.quant import NATIVE_TYPES, GGMLTensor
 
 # llama.cpp writes Mistral models as "llama" (its converter has no mistral architecture, and
 # no sliding window: it attends to the whole context, and so do we for these files)
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
-
-_TOP_LEVEL = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_PER_LAYER = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-# Gemma 3 has four norms per layer; llama.cpp names the one before the MLP as llama's second norm
-_GEMMA3_LAYER = {**_PER_LAYER, "post_attention_norm": "post_attention_layernorm",
-                 "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
-# What llama.cpp assumes for Gemma 3 when the file does not say: every 6th layer full, local RoPE base 10000
-_GEMMA3_PERIOD, _GEMMA3_LOCAL_BASE, _GEMMA3_27B_LAYERS = 6, 10000.0, 62
+SUPPORTED_ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
 _ROPE_FREQS = "rope_freqs.weight"      # Llama 3 rope scaling, folded into the config
-_LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+?)(?:\.(weight|bias))?")
 _MISSING = object()
 
 
@@ -84,12 +61,14 @@ def gguf_config(reader: gguf.GGUFReader, path: str) -> ModelConfig:
     def key(name, default=_MISSING):
         return read_field(reader, f"{arch}.{name}", path, default)
 
+    family = GGUF_ARCHITECTURES[arch]
+
     hidden_size, num_heads = key("embedding_length"), key("attention.head_count")
     head_dim = key("attention.key_length", None) or key("rope.dimension_count", None) or hidden_size // num_heads
     rope_theta = float(key("rope.freq_base", 10000.0))
     eos_ids = [read_field(reader, f"tokenizer.ggml.{name}_token_id", path, None) for name in ("eos", "eot", "eom")]
     return ModelConfig(
-        architecture=arch,
+        architecture=family,
         vocab_size=int(tensors["token_embd.weight"].shape[1]),
         hidden_size=hidden_size,
         intermediate_size=key("feed_forward_length"),
@@ -107,26 +86,8 @@ def gguf_config(reader: gguf.GGUFReader, path: str) -> ModelConfig:
         bos_token_id=read_field(reader, "tokenizer.ggml.bos_token_id", path, None),
         eos_token_ids=tuple(dict.fromkeys(i for i in eos_ids if i is not None)),
         name=os.path.basename(path).removesuffix(".gguf"),
-        **(_gemma3_fields(key, hidden_size, num_heads, head_dim) if arch == "gemma3" else {}),
+        **family_fields(family, key, hidden_size, num_heads, head_dim),
     )
-
-
-def _gemma3_fields(key, hidden_size: int, num_heads: int, head_dim: int) -> dict:
-    """Gemma 3's sliding-window layout, local RoPE base, attention scale and softcap, as llama.cpp reads
-    them: metadata where the converter writes it, llama.cpp's built-in values where it does not (the
-    attention scale is 1/sqrt(hidden / heads) for the 62-layer 27B model, 1/sqrt(head_dim) otherwise)."""
-    num_layers = key("block_count")
-    pattern = key("attention.sliding_window_pattern", _GEMMA3_PERIOD)
-    if isinstance(pattern, int):
-        pattern = [(i + 1) % pattern != 0 for i in range(num_layers)]
-    scalar = hidden_size // num_heads if num_layers == _GEMMA3_27B_LAYERS else head_dim
-    scale = key("attention.scale", None)
-    return dict(
-        sliding_window=key("attention.sliding_window", None), hidden_act="gelu_pytorch_tanh",
-        layer_types=tuple("sliding_attention" if sliding else "full_attention" for sliding in pattern),
-        rope_local_base_freq=float(key("rope.freq_base_swa", _GEMMA3_LOCAL_BASE)),
-        query_pre_attn_scalar=float(scale ** -2 if scale else scalar),
-        final_logit_softcapping=key("final_logit_softcapping", None))
 
 
 def gguf_weights(reader: gguf.GGUFReader, config: ModelConfig,
@@ -153,14 +114,13 @@ def gguf_weights(reader: gguf.GGUFReader, config: ModelConfig,
 def _hf_name(gguf_name: str, arch: str, path: str) -> str:
     """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; LoadError for names we do not know."""
     stem, _, suffix = gguf_name.rpartition(".")
-    if stem in _TOP_LEVEL and suffix == "weight":
-        return f"{_TOP_LEVEL[stem]}.weight"
-    per_layer = _GEMMA3_LAYER if arch == "gemma3" else _PER_LAYER
+    if stem in TOP_LEVEL and suffix == "weight":
+        return f"{TOP_LEVEL[stem]}.weight"
     found = _LAYER_NAME.fullmatch(gguf_name)
-    if found is None or found.group(2) not in per_layer:
+    name = found and layer_name(arch, found.group(2), found.group(3))
+    if name is None:
         raise LoadError(f"unexpected tensor {gguf_name} in GGUF file {path}")
-    layer, part, suffix = found.groups()
-    return f"model.layers.{layer}.{per_layer[part]}.{suffix}"
+    return f"model.layers.{found.group(1)}.{name}"
 
 
 def _dequantize(tensor, config: ModelConfig) -> torch.Tensor:
@@ -172,9 +132,7 @@ def _dequantize(tensor, config: ModelConfig) -> torch.Tensor:
         return _unpermute(values, config.num_attention_heads)
     if config.architecture == "llama" and tensor.name.endswith((".attn_k.weight", ".attn_k.bias")):
         return _unpermute(values, config.num_key_value_heads)
-    if config.architecture == "gemma3" and tensor.name.endswith("norm.weight"):
-        return values - 1       # llama.cpp's converter stores Gemma's 1 + weight; ours keeps the offset
-    return values
+    return restore_values(config.architecture, tensor.name, values)
 
 
 def _blocks(tensor, config: ModelConfig) -> GGMLTensor:

@@ -39,6 +39,7 @@ class ModelConfig:
     linear_num_value_heads: int = 0
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
+    linear_value_heads_tiled: bool = False   # value head j * K + g reads key head g (GGUF), not g * V/K + j (HF)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     name: str = ""                           # served model name

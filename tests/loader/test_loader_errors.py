@@ -56,7 +56,7 @@ def test_config_missing_a_field(tmp_path):
 def test_unsupported_gguf_architecture(tmp_path):
     path = write_gguf(str(tmp_path / "gpt2.gguf"), "gpt2", {"token_embd.weight": (np.zeros((260, 32), np.float32), None)},
                       num_layers=1, hidden=32, heads=2, kv_heads=2, ffn=32)
-    assert load_error(path) == f"unsupported architecture 'gpt2' in {path} (supported: llama, qwen2, qwen3, gemma3)"
+    assert load_error(path) == f"unsupported architecture 'gpt2' in {path} (supported: llama, qwen2, qwen3, gemma3, qwen35)"
 
 
 def test_unsupported_quantization_type(tmp_path):

@@ -10,8 +10,9 @@ from gguf import GGMLQuantizationType as Q
 from reprise import LLM, SamplingParams
 from reprise.config import EngineConfig
 from reprise.engine.engine import Engine, resolve_weights
-from reprise.models.layers.quant import (GROUP, NATIVE_TYPES, GGMLTensor, QuantizedEmbedding, QuantizedLinear,
-                                         SharedEmbedding, _planes)
+from reprise.models.layers.quant import (DENSE_FROM_ROWS, GROUP, NATIVE_TYPES, GGMLTensor, QuantizedEmbedding,
+                                         QuantizedLinear, SharedEmbedding, pack)
+from reprise.models.layers.quant.formats import collapse
 from tests.loader.loader_testing import FFN, HEADS, HIDDEN, KV_HEADS, encode_as, tiny_qwen2_tensors, write_gguf
 from tests.models.helpers import engine_logits
 
@@ -25,18 +26,13 @@ def quantized(qtype: Q, rows: int = 64, cols: int = 256, seed: int = 0) -> GGMLT
 
 
 @pytest.mark.parametrize("qtype", NATIVE, ids=lambda q: q.name)
-def test_planes_reconstruct_the_dequantized_weight_exactly(qtype):
+def test_packing_reconstructs_the_dequantized_weight_exactly(qtype):
     weight = quantized(qtype)
-    levels, scales, zeros = _planes(weight)
-    cols = weight.shape[1]
-    rebuilt = torch.zeros(weight.shape)
-    for plane in range(levels.shape[1] // cols):
-        groups = slice(plane * cols // GROUP, (plane + 1) * cols // GROUP)
-        q = levels[:, plane * cols:(plane + 1) * cols].float()
-        scale, zero = scales[:, groups].repeat_interleave(GROUP, 1), zeros[:, groups].repeat_interleave(GROUP, 1)
-        rebuilt += (q - 8) * scale + zero
-    assert levels.min() >= 0 and levels.max() <= 15
-    assert torch.equal(rebuilt, weight.dequantize())
+    packing = pack(weight)
+    rows = weight.shape[0]
+    values = (packing.levels.view(rows, -1, GROUP).float() - 8) * packing.scales[..., None] + packing.zeros[..., None]
+    assert packing.levels.min() >= 0 and packing.levels.max() <= 15
+    assert torch.equal(collapse(values.view(rows, -1), packing.chunk, packing.coefs), weight.dequantize())
 
 
 @pytest.mark.parametrize("qtype", NATIVE, ids=lambda q: q.name)
@@ -48,6 +44,38 @@ def test_kernel_error_is_that_of_bfloat16_weights(qtype):
     dense_error = (torch.nn.functional.linear(x, weight.dequantize().bfloat16()).float() - exact).abs().max()
     native_error = (QuantizedLinear(weight)(x).float() - exact).abs().max()
     assert native_error <= 2 * dense_error + 1e-3
+
+
+@pytest.mark.parametrize("qtype", NATIVE, ids=lambda q: q.name)
+def test_prefill_rows_unpack_to_the_bfloat16_weight(qtype):
+    """From DENSE_FROM_ROWS rows on, W is unpacked for a dense matmul: the weight it unpacks is the
+    dequantized one with the kernel's bfloat16 scales, within bfloat16's rounding of each weight."""
+    weight = quantized(qtype)
+    layer = QuantizedLinear(weight)
+    reference = weight.dequantize()
+    assert layer.dense_ok
+    assert torch.allclose(layer.dense(), reference, rtol=2 ** -7, atol=2 ** -7 * reference.abs().max().item())
+    x = torch.randn(DENSE_FROM_ROWS, weight.shape[1], generator=torch.Generator().manual_seed(1)).bfloat16()
+    exact = x.float() @ reference.t()
+    dense_error = (torch.nn.functional.linear(x, reference.bfloat16()).float() - exact).abs().max()
+    assert (layer(x).float() - exact).abs().max() <= 2 * dense_error + 1e-3
+
+
+def test_prefill_unpacks_the_weight_in_tiles(monkeypatch):
+    layer = QuantizedLinear(quantized(Q.Q6_K, rows=192))
+    x = torch.randn(DENSE_FROM_ROWS, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
+    whole = layer(x)
+    monkeypatch.setattr("reprise.models.layers.quant.linear._DENSE_TILE", 64)
+    assert torch.equal(layer(x), whole)
+
+
+@pytest.mark.parametrize("qtype", NATIVE, ids=lambda q: q.name)
+def test_held_bytes_per_weight(qtype):
+    """4 bits a kernel position plus a bfloat16 scale and zero per 32 positions: 5 bits a weight for the
+    4-bit types (one position each), 10 for the others (two)."""
+    layer = QuantizedLinear(quantized(qtype))
+    bits = 8 * sum(t.numel() * t.element_size() for t in layer.buffers()) / (64 * 256)
+    assert bits == (5.0 if qtype in (Q.Q4_0, Q.Q4_1, Q.Q4_K) else 10.0)
 
 
 def test_quantized_embedding_rows_are_dequantized_rows():
@@ -75,7 +103,8 @@ def tiny_logits(qtype: Q, tmp_path, **engine) -> torch.Tensor:
     return engine_logits(Engine(EngineConfig(model=str(path), kv_cache_bytes=2**20, **engine)), ids, 32).float()
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q3_K, Q.Q2_K],
+                         ids=lambda q: q.name)
 def test_tiny_gguf_native_logits_are_as_close_as_bfloat16_weights(qtype, tmp_path):
     """Random weights make these models ill-conditioned (bf16 rounding alone moves a logit by up to a third
     of its scale), so the bound is relative: native's mean error at most twice dequantized bf16's."""
@@ -85,9 +114,9 @@ def test_tiny_gguf_native_logits_are_as_close_as_bfloat16_weights(qtype, tmp_pat
     assert (native - reference).abs().mean() <= 2 * (dense - reference).abs().mean()
 
 
-def test_type_without_planes_falls_back_to_dequantized_weights(tmp_path):
-    native = tiny_logits(Q.Q6_K, tmp_path, dtype="float32", weights="native")
-    assert torch.equal(native, tiny_logits(Q.Q6_K, tmp_path, dtype="float32", weights="float32"))
+def test_type_without_a_kernel_form_falls_back_to_dequantized_weights(tmp_path):
+    native = tiny_logits(Q.TQ1_0, tmp_path, dtype="float32", weights="native")
+    assert torch.equal(native, tiny_logits(Q.TQ1_0, tmp_path, dtype="float32", weights="float32"))
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +163,7 @@ def test_native_weights_hot_equals_cold(native_llm):
     assert hot.token_ids == expected.token_ids
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q6_K, Q.Q2_K], ids=lambda q: q.name)
 def test_shared_embedding_reads_rows_of_the_packed_head(qtype):
     """A tied table is held once: lookups read the head's planes, with its bfloat16 scales and zeros."""
     weight = quantized(qtype, rows=128, cols=256)

@@ -104,6 +104,7 @@ class GatedDeltaNet(nn.Module):
         self.key_size, self.value_size = self.num_k_heads * self.key_dim, self.num_v_heads * self.value_dim
         self.conv_dim = 2 * self.key_size + self.value_size
         self.kernel = config.linear_conv_kernel_dim
+        self.heads_tiled = config.linear_value_heads_tiled
         self.in_proj = nn.Linear(config.hidden_size, self.conv_dim + self.value_size + 2 * self.num_v_heads, bias=False)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=False)
         self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
@@ -137,12 +138,19 @@ class GatedDeltaNet(nn.Module):
     def _inputs(self, mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
         """q, k (unit length, q scaled, one per value head), v, g and beta in float32."""
         q, k, v = mixed.float().split([self.key_size, self.key_size, self.value_size], dim=-1)
-        group = self.num_v_heads // self.num_k_heads
-        q = _unit(q.unflatten(-1, (self.num_k_heads, self.key_dim))).repeat_interleave(group, -2) * self.key_dim ** -0.5
-        k = _unit(k.unflatten(-1, (self.num_k_heads, self.key_dim))).repeat_interleave(group, -2)
+        q = self._per_value_head(_unit(q.unflatten(-1, (self.num_k_heads, self.key_dim)))) * self.key_dim ** -0.5
+        k = self._per_value_head(_unit(k.unflatten(-1, (self.num_k_heads, self.key_dim))))
         v = v.unflatten(-1, (self.num_v_heads, self.value_dim))
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
         return q, k, v, g, b.sigmoid().float()
+
+    def _per_value_head(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., key heads, dk] -> [..., value heads, dk]: each key head read by V/K value heads, grouped
+        (HF's order) or tiled (GGUF's, see loader/gguf_families.py)."""
+        group = self.num_v_heads // self.num_k_heads
+        if self.heads_tiled:
+            return torch.cat([x] * group, dim=-2)
+        return x.repeat_interleave(group, -2)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
