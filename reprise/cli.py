@@ -88,6 +88,11 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(args, _llm_kwargs(args) if args.what != "serve" else {})
 
 
+def _route(args: argparse.Namespace) -> int:
+    from reprise.router.app import route
+    return route(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reprise", description="LLM inference built around the prefix cache")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from reprise.bench import add_bench_parser
     add_bench_parser(commands, _engine_flags).set_defaults(run=_bench)
+
+    route = commands.add_parser("route", help="route requests over replicas by where their prefix is cached")
+    from reprise.router.app import add_route_flags
+    add_route_flags(route)
+    route.set_defaults(run=_route)
     return parser
 
 

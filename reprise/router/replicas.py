@@ -1,0 +1,90 @@
+"""The router's replica table: which replicas answer, what they call themselves, how busy they are.
+
+Every `interval_s` the router asks each replica for `/health` (its replica id: the name of its KV
+event stream) and `/metrics` (running and waiting requests). A replica that fails a check, or
+that the proxy cannot connect to, is taken out at once; one that answers again is put back (with
+whatever id it now reports: a restarted replica is a new, empty one).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass
+
+import httpx
+
+log = logging.getLogger("reprise.router")
+
+DEFAULT_INTERVAL_S = 1.0
+CHECK_TIMEOUT_S = 2.0
+_GAUGE = re.compile(r"^reprise:num_requests_(running|waiting)(?:\{[^}]*\})?\s+([0-9.eE+-]+)", re.MULTILINE)
+
+
+@dataclass
+class Replica:
+    url: str
+    healthy: bool = False
+    replica_id: str | None = None     # from /health; None until a replica publishing KV events answers
+    reported_load: int = 0            # running + waiting at the last check
+    in_flight: int = 0                # requests this router is proxying there now
+
+    @property
+    def load(self) -> int:
+        return max(self.in_flight, self.reported_load)
+
+
+class ReplicaTable:
+    def __init__(self, urls: list[str], interval_s: float = DEFAULT_INTERVAL_S):
+        if not urls:
+            raise ValueError("the router needs at least one --replica")
+        self.replicas = {url: Replica(url) for url in (url.rstrip("/") for url in urls)}
+        self.interval_s = interval_s
+        self._client = httpx.AsyncClient(timeout=CHECK_TIMEOUT_S)
+
+    def healthy(self) -> list[Replica]:
+        return [replica for replica in self.replicas.values() if replica.healthy]
+
+    def replica_ids(self) -> set[str]:
+        return {r.replica_id for r in self.replicas.values() if r.replica_id is not None}
+
+    def mark_down(self, url: str, why: str) -> None:
+        replica = self.replicas[url]
+        if replica.healthy:
+            log.warning("replica %s taken out: %s", url, why)
+        replica.healthy = False
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self._check(replica) for replica in self.replicas.values()))
+
+    async def run(self) -> None:
+        """Checks forever (the app's background task)."""
+        while True:
+            await self.check_all()
+            await asyncio.sleep(self.interval_s)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _check(self, replica: Replica) -> None:
+        try:
+            health = await self._client.get(f"{replica.url}/health")
+            health.raise_for_status()
+            metrics = await self._client.get(f"{replica.url}/metrics")
+        except (httpx.HTTPError, OSError) as error:
+            self.mark_down(replica.url, f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
+            return
+        body = _json(health)
+        replica.replica_id = body.get("replica_id") if isinstance(body.get("replica_id"), str) else None
+        replica.reported_load = int(sum(float(value) for _, value in _GAUGE.findall(metrics.text)))
+        if not replica.healthy:
+            log.info("replica %s is in (replica id %s)", replica.url, replica.replica_id)
+        replica.healthy = True
+
+
+def _json(response: httpx.Response) -> dict:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
