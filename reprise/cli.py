@@ -30,6 +30,10 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="hybrid models: tokens between recurrent-state checkpoints in the prefix cache")
     parser.add_argument("--max-pinned-fraction", type=float, default=0.5,
                         help="of the KV pool, the blocks one tenant may pin (cache_control ttl, prompt_cache_retention)")
+    parser.add_argument("--disk-cache-dir", default=None,
+                        help="a disk tier under the KV pool in this directory, kept across restarts (docs/disk-cache.md)")
+    parser.add_argument("--disk-cache-bytes", type=parse_bytes, default=None,
+                        help="the disk tier's budget, LRU beyond it, e.g. 50GiB (default: 10GiB)")
     parser.add_argument("--inject-fault-every", type=int, default=None, help=argparse.SUPPRESS)   # tests only
     parser.add_argument("--speculative", default=None, choices=SPECULATIVE_METHODS,
                         help="speculative decoding: ngram drafts tokens by prompt lookup (off by default)")
@@ -47,6 +51,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         checkpoint_interval=args.checkpoint_interval, speculative=args.speculative,
                         spec_tokens=args.spec_tokens, spec_ngram_max=args.spec_ngram_max,
                         spec_ngram_min=args.spec_ngram_min, max_pinned_fraction=args.max_pinned_fraction,
+                        disk_cache_dir=args.disk_cache_dir, disk_cache_bytes=args.disk_cache_bytes,
                         inject_fault_every=args.inject_fault_every)
 
 

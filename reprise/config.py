@@ -53,4 +53,6 @@ class EngineConfig:
     spec_ngram_max: int = 3                  # longest suffix looked up earlier in the sequence
     spec_ngram_min: int = 1                  # shortest one tried before giving up on drafting
     max_pinned_fraction: float = 0.5         # of the KV pool, the blocks one tenant may pin (retention)
+    disk_cache_dir: str | None = None        # the disk tier under the KV pool (docs/disk-cache.md); None = off
+    disk_cache_bytes: int | None = None      # its budget; None = 10GiB
     inject_fault_every: int | None = None    # tests only: every Nth batch raises (fault containment)

@@ -12,15 +12,24 @@ from reprise.chat.continuity import ReplyMemory, chat_prompt_ids, reply_ids
 class LLM:
     """`LLM(model=None)` loads the default model; `generate` runs prompts to completion, batched.
 
-    `options` are further EngineConfig fields, e.g. `weights="native" | "bfloat16" | "float32"`."""
+    `options` are further EngineConfig fields, e.g. `weights="native" | "bfloat16" | "float32"`.
+    `disk_cache_dir` puts a disk tier under the KV pool (`disk_cache_bytes`, default 10GiB;
+    docs/disk-cache.md); `close()` flushes its queued writes (also done at interpreter exit)."""
 
     def __init__(self, model: str | None = None, dtype: str | None = None, kv_cache_bytes: int | str | None = None,
-                 prefix_cache: bool = True, **options):
+                 prefix_cache: bool = True, disk_cache_dir: str | None = None,
+                 disk_cache_bytes: int | str | None = None, **options):
         kv = parse_bytes(kv_cache_bytes) if kv_cache_bytes is not None else None
+        disk = parse_bytes(disk_cache_bytes) if disk_cache_bytes is not None else None
         self.engine = Engine(EngineConfig(model=model, dtype=dtype, kv_cache_bytes=kv, prefix_cache=prefix_cache,
-                                          **options))
+                                          disk_cache_dir=None if disk_cache_dir is None else str(disk_cache_dir),
+                                          disk_cache_bytes=disk, **options))
         self.tokenizer = self.engine.tokenizer
         self.replies = ReplyMemory()
+
+    def close(self) -> None:
+        """Flushes the tiers' queued writes and stops their threads."""
+        self.engine.close()
 
     @property
     def weights_bytes(self) -> int:

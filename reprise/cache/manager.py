@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Protocol
 
 from reprise.cache.block_pool import BlockPool
 from reprise.cache.index import Evicted, IndexMatch, NullIndex, PrefixIndex, Stop
@@ -96,6 +97,19 @@ class CacheStats:
     tokens_written: int = 0   # tokens newly stored in the index (cache writes)
 
 
+class IndexListener(Protocol):
+    """Told when full blocks enter the index and when blocks leave it (the tiers' write-through
+    and KV events). Called on the engine thread, inside the CacheManager call that caused it."""
+
+    def inserted(self, salt: str | None, token_ids: Sequence[int], block_table: Sequence[int | None],
+                 first: int, end: int, adopted: Sequence[int]) -> None:
+        """Blocks [first, end) of `token_ids` (whole blocks, KV computed, held in `block_table`) were
+        just committed by a sequence; `adopted` are the block ids the index newly references."""
+
+    def evicted(self, blocks: Sequence[int]) -> None:
+        """`blocks` left the index (their last index entry is gone)."""
+
+
 class CacheManager:
     """Block pool + prefix index + per-block holder counts, kept consistent.
 
@@ -106,8 +120,10 @@ class CacheManager:
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_cache: bool = True,
                  layout: CacheLayout | None = None, num_state_slots: int = 0, max_pinned_fraction: float = 0.5,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        """`max_pinned_fraction`: of the pool, the blocks one namespace may pin; `clock` times pins."""
+                 clock: Callable[[], float] = time.monotonic, listener: IndexListener | None = None) -> None:
+        """`max_pinned_fraction`: of the pool, the blocks one namespace may pin; `clock` times pins;
+        `listener` hears of blocks entering and leaving the index (tiers, KV events)."""
+        self.listener = listener
         self.block_size = block_size
         self.max_pinned_blocks = int(num_blocks * max_pinned_fraction)
         self._clock = clock
@@ -227,6 +243,7 @@ class CacheManager:
             return
         inserted = self.index.insert(token_ids[:num_tokens], seq.block_table, seq.salt)
         self._share(inserted.adopted)
+        self._notify(seq, token_ids, num_tokens, inserted)
         if checkpoint is not None:
             self._file_checkpoint(inserted.node, num_tokens, checkpoint)
         if num_tokens <= seq.num_committed:
@@ -271,6 +288,7 @@ class CacheManager:
         token_ids = token_ids[:self._insertable(seq, len(token_ids))]
         inserted = self.index.insert(token_ids, seq.block_table, seq.salt)
         self._share(inserted.adopted)
+        self._notify(seq, token_ids, len(token_ids), inserted)
         if seq._lock is not None:
             self.index.unlock(seq._lock)
         unrestored = seq.restore_from is not None     # released before the runner copied its state in
@@ -285,6 +303,13 @@ class CacheManager:
         seq._lock, seq.state_slot = None, None
         self._live.discard(seq)
         self._pin(token_ids, seq.salt, pins)
+
+    def _notify(self, seq: SeqCache, token_ids: Sequence[int], num_tokens: int, inserted) -> None:
+        """Tells the listener of the whole blocks this seq commits for the first time: from the
+        block holding position num_committed (partly committed, or matched, before) on."""
+        first, end = seq.num_committed // self.block_size, num_tokens // self.block_size
+        if self.listener is not None and end > first and not isinstance(self.index, NullIndex):
+            self.listener.inserted(seq.salt, token_ids, seq.block_table, first, end, inserted.adopted)
 
     def _pin(self, token_ids: Sequence[int], salt: str | None, pins: Sequence[tuple[int, float]]) -> None:
         """After the release: a pin's split must not move the nodes the release still used."""
@@ -346,10 +371,14 @@ class CacheManager:
             self._free_evicted(dropped)
 
     def _free_evicted(self, dropped: Evicted) -> None:
+        gone = []
         for block in dropped.blocks:
             self.pool.free(block)
             if self.pool.ref_count(block) == self._holders[block]:
                 self._evictions += 1  # its last index entry is gone
+                gone.append(block)
+        if self.listener is not None and gone:
+            self.listener.evicted(gone)
         for slot in dropped.checkpoints:
             self.states.free(slot)
 

@@ -17,6 +17,8 @@ from reprise.engine.runner import ModelRunner, PromptLogprobs, default_dtype, kv
 from reprise.engine.sampler import Sampler
 from reprise.engine.scheduler import Scheduler
 from reprise.engine.speculative import SPECULATIVE_METHODS, NgramDrafter
+from reprise.engine.tier_link import TierLink
+from reprise.engine.tiers import build_observers, build_tiers, fingerprint, kv_layout_string
 from reprise.loader import load_model
 from reprise.models import build_model
 from reprise.models.layers.gated_delta import RECURRENT_CHUNK
@@ -50,6 +52,7 @@ class EngineStats:
     num_accepted_tokens: int = 0     # of those, the ones the model agreed with
     weights_bytes: int = 0           # the model's weights as held (quantized or dense)
     kv_pool_bytes: int = 0           # KV blocks and recurrent-state slots, reserved; RAM is taken as pages are written
+    tiers: tuple = ()                # (name, TierStats, prompt tokens looked up, prompt tokens reused) per tier
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -109,24 +112,48 @@ class Engine:
                              f"of {format_bytes(block_bytes)}; give it more")
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
+        self.tiers = self._tier_link(model, layout)
         self.cache = CacheManager(self.num_blocks, self.block_size, enable_prefix_cache=config.prefix_cache,
                                   layout=layout, num_state_slots=num_state_slots,
-                                  max_pinned_fraction=config.max_pinned_fraction)
+                                  max_pinned_fraction=config.max_pinned_fraction, listener=self.tiers)
+        if self.tiers is not None:
+            self.tiers.cache = self.cache
         grid = math.lcm(self.block_size, RECURRENT_CHUNK) if layout.has_recurrent else self.block_size
         interval = -(-config.checkpoint_interval // grid) * grid       # rounded up onto the chunk grid
         self.drafter = self._drafter(layout)
         self.scheduler = Scheduler(self.cache, self.block_size, config.max_num_seqs, config.max_num_batched_tokens,
                                    chunk_grid=grid, checkpoint_interval=interval, drafter=self.drafter,
-                                   max_model_len=self.max_model_len)
+                                   max_model_len=self.max_model_len, loads=self.tiers)
         self.grammars = Grammars(self.tokenizer)
         sampler = Sampler(config.seed, self.model_config.vocab_size, self.tokenizer.eos_token_ids, self.grammars,
                           self.device)
         self.runner = ModelRunner(model, self.model_config, self.num_blocks, self.block_size, self.max_model_len,
                                   self.device, self.dtype, sampler, num_state_slots)
+        if self.tiers is not None:
+            self.tiers.kv = self.runner.kv
         self.kv_pool_bytes = self.runner.kv.nbytes + sum(states.nbytes for states in self.runner.states)
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._num_steps = 0
+
+    def _tier_link(self, model, layout) -> TierLink | None:
+        """The tiers and KV-event observers (build_tiers, build_observers), when any is configured
+        and the prefix cache is on; the model's fingerprint is computed only then."""
+        config = self.config
+        if config.disk_cache_dir is not None and layout.has_recurrent:
+            raise ValueError(f"--disk-cache-dir: {self.model_path} has recurrent layers, whose state checkpoints "
+                             "the disk tier does not store yet; serve it without --disk-cache-dir")
+        observers = build_observers(config)
+        if not config.prefix_cache or (config.disk_cache_dir is None and not observers):
+            return None
+        layout_text = kv_layout_string(layout, self.model_config.num_key_value_heads, self.model_config.head_dim)
+        digest = fingerprint(model, self.dtype, self.block_size, layout_text)
+        return TierLink(build_tiers(config, digest), observers, None, digest, self.block_size)
+
+    def close(self) -> None:
+        """Flushes the tiers' queued writes and stops their threads (graceful shutdown)."""
+        if self.tiers is not None:
+            self.tiers.close()
 
     def _num_state_slots(self, layout) -> int:
         """Hybrid models: a working slot per running sequence plus checkpoints, within a quarter of
@@ -196,6 +223,9 @@ class Engine:
         """Runs one batch. If its forward or sampling raises, its requests are ended (their blocks
         freed, what they had computed before the batch kept in the cache) and BatchFailed carries
         their outputs; every other request is untouched and the next step goes on."""
+        if self.tiers is not None and self.tiers.num_loading:
+            idle = not self.scheduler.waiting and not self.scheduler.running
+            self.scheduler.loaded(self.tiers.poll(timeout=0.005 if idle else 0.0))
         plan = self.scheduler.schedule()
         if plan.empty:
             return []
@@ -277,10 +307,11 @@ class Engine:
         return RequestOutput(
             request.request_id, request.prompt_ids, list(request.output_ids), detokenizer.text, delta, delta_ids,
             request.cached_tokens or 0, request.finish_reason, request.miss, request.diverged_at, metrics,
-            logprobs, request.prompt_logprobs)
+            logprobs, request.prompt_logprobs, dict(request.cached_tokens_by_tier))
 
     def stats(self) -> EngineStats:
         scheduler = self.scheduler
         return EngineStats(len(scheduler.running), len(scheduler.waiting), scheduler.num_preemptions,
                            self.cache.stats, scheduler.num_draft_tokens, scheduler.num_accepted_tokens,
-                           self.weights_bytes, self.kv_pool_bytes)
+                           self.weights_bytes, self.kv_pool_bytes,
+                           self.tiers.stats() if self.tiers is not None else ())

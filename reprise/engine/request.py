@@ -107,6 +107,7 @@ class Sampled:
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
+    LOADING = "loading"      # its prefix is being read from a tier into pool blocks; then it waits again
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -134,6 +135,7 @@ class RequestOutput:
     metrics: dict = field(default_factory=dict)
     logprobs: list[TokenLogprob] | None = None          # one per token_ids entry, when asked for
     prompt_logprobs: list[TokenLogprob | None] | None = None   # one per prompt token (the first: None)
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)   # "memory", "disk", ...: sums to cached_tokens
 
     @property
     def finished(self) -> bool:
@@ -167,6 +169,8 @@ class Request:
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
         self.num_preemptions = 0
+        self.tier_load: tuple[str, int, int] | None = None    # (tier, first token, end) loaded before admission
+        self.cached_tokens_by_tier: dict[str, int] = {}
 
     @property
     def all_ids(self) -> list[int]:

@@ -31,7 +31,9 @@ from reprise.engine.speculative import NgramDrafter
 class Scheduler:
     def __init__(self, cache: CacheManager, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                  chunk_grid: int | None = None, checkpoint_interval: int | None = None,
-                 drafter: NgramDrafter | None = None, max_model_len: int | None = None):
+                 drafter: NgramDrafter | None = None, max_model_len: int | None = None, loads=None):
+        """`loads` (a TierLink, or None without tiers) may take a request at admission to load its
+        prefix from a tier first (RequestStatus.LOADING); it comes back to `waiting` when done."""
         self.cache = cache
         self.block_size = block_size
         self.chunk_grid = chunk_grid or block_size
@@ -47,13 +49,14 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.num_draft_tokens = 0       # proposed and verified
         self.num_accepted_tokens = 0    # drafts the model agreed with
+        self.loads = loads
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or (self.loads is not None and self.loads.num_loading))
 
     def schedule(self) -> StepPlan:
         prefills: list[ScheduledChunk] = []
@@ -164,6 +167,8 @@ class Scheduler:
             if self._prefix_in_flight(request, match.cached_tokens):
                 deferred.append(request)
                 continue
+            if self.loads is not None and self.loads.begin(request, match):
+                continue
             acquired = self.cache.acquire(match, request.salt)
             if acquired is None:
                 self.waiting.appendleft(request)
@@ -199,6 +204,9 @@ class Scheduler:
             request.cached_tokens = match.cached_tokens
             request.miss, request.diverged_at = match.miss, match.diverged_at
             self.cache.record(len(request.prompt_ids), match.cached_tokens)
+            request.cached_tokens_by_tier = {"memory": match.cached_tokens}
+            if self.loads is not None:
+                self.loads.admitted(request, match.cached_tokens)
         request.status = RequestStatus.RUNNING
         self.running.append(request)
 
@@ -219,6 +227,10 @@ class Scheduler:
             if shared - num_cached >= self.block_size or shared == len(other.prompt_ids):
                 return True
         return False
+
+    def loaded(self, requests: list[Request]) -> None:
+        """Requests whose tier load finished: first in line, to match what was loaded."""
+        self.waiting.extendleft(reversed(requests))
 
     def update(self, plan: StepPlan, sampled: list[list[int]]) -> list[tuple[Request, int]]:
         """Applies a step's results (new tokens per sampling request, in plan order); returns the
@@ -276,6 +288,8 @@ class Scheduler:
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
+        elif request.status is RequestStatus.LOADING:
+            self.loads.cancel(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
 

@@ -41,6 +41,7 @@ def serve(config: EngineConfig, server: ServerConfig = ServerConfig()) -> None:
             signal.signal(signum, handler)
         http.should_exit = True
         thread.join(timeout=server.shutdown_timeout + 5)
+        engine.close()           # the tiers' queued writes reach the disk
     if not http.started:
         raise SystemExit(f"reprise: error: could not serve on {server.host}:{server.port}")
 
@@ -61,6 +62,16 @@ def _stop(http: uvicorn.Server) -> None:
     http.should_exit = True
 
 
+def _tiers(engine: Engine) -> str:
+    if engine.tiers is None or not engine.tiers.tiers:
+        return ""
+    parts = []
+    for name, stats, _, _ in engine.tiers.stats():
+        limit = f" of {format_bytes(stats.bytes_limit)}" if stats.bytes_limit else ""
+        parts.append(f"{name} {stats.num_entries} blocks, {format_bytes(stats.bytes_used)}{limit}")
+    return ", tiers: " + "; ".join(parts)
+
+
 def banner(engine: Engine, model_name: str, server: ServerConfig) -> str:
     """The start-up summary: what is served, how big the KV pool is, and where."""
     pool_tokens = engine.num_blocks * engine.block_size
@@ -77,7 +88,7 @@ def banner(engine: Engine, model_name: str, server: ServerConfig) -> str:
         f"KV pool {format_bytes(engine.kv_pool_bytes)} reserved (RAM taken as blocks fill)",
         f"  KV pool {engine.num_blocks} blocks x {engine.block_size} tokens = {pool_tokens} tokens "
         f"({format_bytes(engine.kv_cache_bytes)})",
-        f"  prefix cache {'on' if engine.config.prefix_cache else 'off'}{keys}{salted}",
+        f"  prefix cache {'on' if engine.config.prefix_cache else 'off'}{keys}{salted}{_tiers(engine)}",
         f"  at most {server.max_waiting} requests waiting, {format_bytes(server.max_body_bytes)} per body"
         f"{', prompts logged' if server.log_prompts else ''}",
         f"  listening on http://{server.host}:{server.port}/v1",

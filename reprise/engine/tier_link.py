@@ -1,0 +1,243 @@
+"""TierLink: the KV pool's side of the tiers. Write-through as blocks enter the index, loads as a
+scheduling state, KV events to observers.
+
+Write-through on commit, asynchronous: when a sequence commits whole blocks to the memory index
+(`CacheManager.commit`/`release`, see `IndexListener`), their KV (every attention layer: one block
+is [layers, 2, block_size, kv_heads, head_dim] in the compute dtype) is gathered on the engine
+thread into one CPU tensor and each (key, payload) queued to every tier that lacks it; a tier's
+bounded queue drops (and counts) what it cannot take, so a step never waits on I/O. Eviction from
+the pool then costs nothing, and a kill -9 loses at most the writes in flight.
+
+A load is a scheduling state. At admission the memory match gives L tokens; the prompt's block
+keys (computed once per request) and one `contains` per tier give D leading blocks in the best
+tier. If D - L // block_size >= `min_load_blocks`, the request LOADS instead of starting: its
+memory match is acquired and blocks [L // block_size, D) allocated in the pool (held, so nothing
+evicts them), and the loader thread reads and verifies the entries into one CPU tensor. At the
+start of a later step (`poll`) the engine thread copies it into those blocks and releases the
+sequence with the loaded tokens, which puts them in the index under the request's salt; the
+request goes back to the front of the queue and matches them from memory like any hit. Other
+requests keep stepping meanwhile. A missing or corrupt entry ends the load at that block: the
+blocks before it are used, the rest recomputed. A request loads at most once.
+
+`min_load_blocks` = 1: on this CPU (SmolLM2-135M, float32, blocks of 16 tokens) loading a block
+(read + blake2b check + copy into the pool) takes ~0.6 ms, while recomputing it costs ~4 ms at the
+start of a prompt and more deeper in (attention grows with the context), so one block is already
+worth loading (measured with `reprise bench prefix --disk`, see docs/disk-cache.md).
+"""
+from __future__ import annotations
+
+import atexit
+import queue
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from reprise.cache.manager import CacheManager, Match, SeqCache
+from reprise.cache.tiers import Tier
+from reprise.cache.tiers.keys import block_keys, namespace
+from reprise.engine.request import Request, RequestStatus
+
+MIN_LOAD_BLOCKS = 1
+
+
+@dataclass(eq=False)
+class Load:
+    request: Request
+    seq: SeqCache
+    tier: Tier
+    keys: list[bytes]            # of blocks first .. first + len(keys)
+    first: int                   # first block loaded
+    memory_tokens: int           # the memory match when the load began
+    payload: torch.Tensor | None = None     # [blocks, layers, 2, block_size, kv_heads, head_dim]
+    cancelled: bool = False
+
+
+@dataclass
+class TierCounts:
+    queries: dict[str, int] = field(default_factory=lambda: defaultdict(int))   # prompt tokens looked up per tier
+    hits: dict[str, int] = field(default_factory=lambda: defaultdict(int))      # prompt tokens reused per tier
+
+
+class TierLink:
+    """Implements the CacheManager's `IndexListener`; the Scheduler calls `begin`, `admitted` and
+    `cancel`, the Engine `poll` before each step and `close` at shutdown."""
+
+    def __init__(self, tiers: list[Tier], observers: list, cache: CacheManager, fingerprint: str,
+                 block_size: int, min_load_blocks: int = MIN_LOAD_BLOCKS) -> None:
+        self.tiers, self.observers, self.cache = tiers, observers, cache
+        self.fingerprint, self.block_size, self.min_load_blocks = fingerprint, block_size, min_load_blocks
+        self.kv: torch.Tensor | None = None          # the runner's pool, set once it exists
+        self.counts = TierCounts()
+        self._roots: dict[str | None, bytes] = {}
+        self._block_keys: dict[int, bytes] = {}     # block id -> key, for blocks the index holds
+        self._loads: dict[str, Load] = {}
+        self._jobs: queue.Queue = queue.Queue()
+        self._done: queue.Queue = queue.Queue()
+        self._loader = threading.Thread(target=self._load_loop, name="reprise-tier-loader", daemon=True)
+        self._loader.start()
+        self._closed = False
+        atexit.register(self.close)
+
+    def root(self, salt: str | None) -> bytes:
+        if salt not in self._roots:
+            self._roots[salt] = namespace(self.fingerprint, salt)
+        return self._roots[salt]
+
+    def keys(self, salt: str | None, token_ids: Sequence[int], end: int) -> list[bytes]:
+        """Keys of blocks [0, end) of token_ids."""
+        return block_keys(self.root(salt), token_ids[:end * self.block_size], self.block_size)
+
+    # ---- IndexListener: write-through and KV events ---------------------------------------
+
+    def inserted(self, salt, token_ids, block_table, first, end, adopted) -> None:
+        keys = self.keys(salt, token_ids, end)
+        adopted = set(adopted)
+        new = [(i, block_table[i]) for i in range(first, end) if block_table[i] in adopted]
+        for i, block in new:
+            self._block_keys[block] = keys[i]
+        if self.observers and new:
+            for observer in self.observers:
+                observer.stored([keys[i] for i, _ in new])
+        positions = [i for i, _ in new]
+        targets = [tier for tier in self.tiers if any(not tier.contains([keys[i]]) for i in positions)]
+        if targets and self.kv is not None:
+            self._write(targets, [keys[i] for i in positions], [block for _, block in new])
+
+    def _write(self, tiers: list[Tier], keys: list[bytes], blocks: list[int]) -> None:
+        ids = torch.tensor(blocks, device=self.kv.device)
+        payload = self.kv[:, :, ids].permute(2, 0, 1, 3, 4, 5).contiguous().cpu()
+        rows = payload.reshape(len(blocks), -1).view(torch.uint8).numpy()
+        entries = [(key, memoryview(rows[j])) for j, key in enumerate(keys)]
+        for tier in tiers:
+            tier.store(entries)
+
+    def evicted(self, blocks) -> None:
+        keys = [self._block_keys.pop(block) for block in blocks if block in self._block_keys]
+        for observer in self.observers:
+            if keys:
+                observer.removed(keys)
+
+    # ---- loads (scheduler side) -------------------------------------------------------------
+
+    @property
+    def num_loading(self) -> int:
+        return len(self._loads)
+
+    def begin(self, request: Request, match: Match) -> bool:
+        """Starts loading the part of the prompt a tier holds beyond `match`, if worth it; True if
+        the request is now LOADING (the caller has already taken it off the waiting queue)."""
+        if not self.tiers or request.tier_load is not None or request.cached_tokens is not None:
+            return False
+        prompt, size = request.prompt_ids, self.block_size
+        first, num_full = match.cached_tokens // size, len(prompt) // size
+        request.tier_load = ("", match.cached_tokens, match.cached_tokens)     # looked up: never again
+        for tier in self.tiers:
+            self.counts.queries[tier.name] += len(prompt) - match.cached_tokens
+        if num_full - first < self.min_load_blocks:
+            return False
+        keys = self.keys(request.salt, prompt, num_full)
+        tier, held = max(((tier, tier.contains(keys)) for tier in self.tiers), key=lambda pair: pair[1])
+        if held - first < self.min_load_blocks:
+            return False
+        acquired = self.cache.acquire(match, request.salt)
+        if acquired is None:
+            return False
+        seq, _ = acquired                      # the partial copy is moot: the block is loaded whole
+        if not self.cache.allocate(seq, held * size):
+            self.cache.release(seq, [])
+            return False
+        load = Load(request, seq, tier, keys[first:held], first, match.cached_tokens)
+        request.status = RequestStatus.LOADING
+        self._loads[request.request_id] = load
+        self._jobs.put(load)
+        return True
+
+    def cancel(self, request: Request) -> None:
+        """The request ended while loading: give its blocks back (the loader's result is dropped)."""
+        load = self._loads.pop(request.request_id)
+        load.cancelled = True
+        self.cache.release(load.seq, request.prompt_ids[:load.memory_tokens])
+
+    def admitted(self, request: Request, cached_tokens: int) -> None:
+        """First admission: split `cached_tokens` by tier and count the hits."""
+        name, start, end = request.tier_load or ("", 0, 0)
+        from_tier = max(0, min(cached_tokens, end) - start) if name else 0
+        request.cached_tokens_by_tier = {"memory": cached_tokens - from_tier}
+        for tier in self.tiers:
+            request.cached_tokens_by_tier[tier.name] = from_tier if tier.name == name else 0
+            self.counts.hits[tier.name] += request.cached_tokens_by_tier[tier.name]
+
+    # ---- loads (engine thread, between steps) -----------------------------------------------
+
+    def poll(self, timeout: float = 0.0) -> list[Request]:
+        """Finishes the loads the loader is done with: copies their KV into the pool and indexes
+        it; returns their requests, WAITING again (the caller queues them first). Waits up to
+        `timeout` seconds for one when none is done."""
+        finished = []
+        try:
+            load = self._done.get(timeout=timeout) if timeout else self._done.get_nowait()
+            while True:
+                if not load.cancelled:
+                    finished.append(self._finish(load))
+                load = self._done.get_nowait()
+        except queue.Empty:
+            return finished
+
+    def _finish(self, load: Load) -> Request:
+        request, size = load.request, self.block_size
+        del self._loads[request.request_id]
+        num_loaded = 0 if load.payload is None else load.payload.shape[0]
+        if num_loaded:
+            ids = torch.tensor(load.seq.block_table[load.first:load.first + num_loaded], device=self.kv.device)
+            self.kv[:, :, ids] = load.payload.permute(1, 2, 0, 3, 4, 5).to(self.kv.device)
+        end = max(load.memory_tokens, (load.first + num_loaded) * size)
+        self.cache.release(load.seq, request.prompt_ids[:end])
+        request.tier_load = (load.tier.name, load.memory_tokens, end)
+        request.cache, request.status = None, RequestStatus.WAITING
+        return request
+
+    def _load_loop(self) -> None:
+        while True:
+            load = self._jobs.get()
+            if load is None:
+                return
+            try:
+                load.payload = self._read(load)
+            except Exception:                 # noqa: BLE001 - a failed read is a miss: recompute
+                load.payload = None
+            self._done.put(load)
+
+    def _read(self, load: Load) -> torch.Tensor | None:
+        shape = (self.kv.shape[0], 2, *self.kv.shape[3:])
+        num_bytes = torch.Size(shape).numel() * self.kv.element_size()
+        payloads = []
+        for key in load.keys:
+            if load.cancelled:
+                return None
+            payload = load.tier.load([key])[0]
+            if payload is None or len(payload) != num_bytes:
+                break
+            payloads.append(payload)
+        if not payloads:
+            return None
+        data = bytearray(b"".join(payloads))
+        return torch.frombuffer(data, dtype=self.kv.dtype).view(len(payloads), *shape)
+
+    # ---- stats and shutdown -----------------------------------------------------------------
+
+    def stats(self) -> tuple:
+        """(name, TierStats, queries, hits) per tier."""
+        return tuple((tier.name, tier.stats(), self.counts.queries[tier.name], self.counts.hits[tier.name])
+                     for tier in self.tiers)
+
+    def close(self) -> None:
+        """Flushes every tier's writes and stops the threads (graceful shutdown; idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        for tier in self.tiers:
+            tier.close()
