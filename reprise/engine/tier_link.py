@@ -41,6 +41,7 @@ from reprise.cache.tiers.keys import block_keys, namespace
 from reprise.engine.request import Request, RequestStatus
 
 MIN_LOAD_BLOCKS = 1
+LOAD_BATCH = 32          # keys per tier.load call: one round trip to a shared store, a cancel checked between
 
 
 @dataclass(eq=False)
@@ -100,7 +101,7 @@ class TierLink:
             self._block_keys[block] = keys[i]
         if self.observers and new:
             for observer in self.observers:
-                observer.stored([keys[i] for i, _ in new])
+                observer.stored([keys[i] for i, _ in new], self.root(salt))
         positions = [i for i, _ in new]
         targets = [tier for tier in self.tiers if any(not tier.contains([keys[i]]) for i in positions)]
         if targets and self.kv is not None:
@@ -214,13 +215,14 @@ class TierLink:
         shape = (self.kv.shape[0], 2, *self.kv.shape[3:])
         num_bytes = torch.Size(shape).numel() * self.kv.element_size()
         payloads = []
-        for key in load.keys:
+        for start in range(0, len(load.keys), LOAD_BATCH):
             if load.cancelled:
                 return None
-            payload = load.tier.load([key])[0]
-            if payload is None or len(payload) != num_bytes:
+            batch = load.tier.load(load.keys[start:start + LOAD_BATCH])
+            complete = next((i for i, p in enumerate(batch) if p is None or len(p) != num_bytes), len(batch))
+            payloads += batch[:complete]
+            if complete < len(batch):
                 break
-            payloads.append(payload)
         if not payloads:
             return None
         data = bytearray(b"".join(payloads))
@@ -241,3 +243,5 @@ class TierLink:
         self._jobs.put(None)
         for tier in self.tiers:
             tier.close()
+        for observer in self.observers:
+            observer.close()

@@ -7,8 +7,9 @@ For each healthy replica r:
     cached_tokens(r)  prompt tokens r's memory index holds for this prompt, in the caller's
                       namespace: leading blocks of the prompt's key chain x block size, at most
                       prompt length - 1 (the last prompt token is always computed)
-    load(r)           requests ahead of this one on r: max(requests this router has in flight
-                      there, running + waiting from r's /metrics at the last health check)
+    load(r)           requests ahead of this one on r: those this router has in flight there
+                      (exact), plus the running + waiting that r's /metrics reported at the last
+                      health check beyond this router's own (other clients of r)
     LOAD_TOKENS       256: one request ahead costs about as much as prefilling 256 tokens more
                       (on the default model a replica decodes a short reply in the time it
                       prefills a few hundred tokens); a 2,000-token hit outweighs ~8 requests queued

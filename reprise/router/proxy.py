@@ -28,6 +28,7 @@ log = logging.getLogger("reprise.router")
 
 POLICIES = ("prefix", "round-robin")
 AFFINITY_TOKENS = 64
+ROUTE_HEADER = "x-reprise-route"     # on every answer: "<replica url> <reason> <estimated cached tokens>"
 _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "accept-encoding"}
 
 
@@ -87,6 +88,7 @@ class Router:
             self._count(decision)
             replica.in_flight += 1
             headers_out = {k: v for k, v in response.headers.items() if k.lower() not in _HOP_HEADERS | {"content-encoding"}}
+            headers_out[ROUTE_HEADER] = _describe(decision)
             return Upstream(response.status_code, headers_out, self._relay(response, replica, streaming))
 
     def _count(self, decision: Decision) -> None:
@@ -120,6 +122,10 @@ class Router:
 
     def index_sizes(self) -> dict[str, int]:
         return {r.url: self.index.num_blocks(r.replica_id) if r.replica_id else 0 for r in self.table.replicas.values()}
+
+
+def _describe(decision: Decision) -> str:
+    return f"{decision.url} {decision.reason.value if decision.reason else 'round_robin'} {decision.cached_tokens}"
 
 
 def _affinity(prompt: Prompt | None) -> bytes:

@@ -26,12 +26,14 @@ class Replica:
     url: str
     healthy: bool = False
     replica_id: str | None = None     # from /health; None until a replica publishing KV events answers
-    reported_load: int = 0            # running + waiting at the last check
+    other_load: int = 0               # running + waiting at the last check, less this router's then
     in_flight: int = 0                # requests this router is proxying there now
 
     @property
     def load(self) -> int:
-        return max(self.in_flight, self.reported_load)
+        """Requests ahead of a new one: this router's, exact, plus other clients' as last reported
+        (this router's own requests leave the count the moment they end, not at the next check)."""
+        return self.in_flight + self.other_load
 
 
 class ReplicaTable:
@@ -71,12 +73,14 @@ class ReplicaTable:
             health = await self._client.get(f"{replica.url}/health")
             health.raise_for_status()
             metrics = await self._client.get(f"{replica.url}/metrics")
+            in_flight = replica.in_flight
         except (httpx.HTTPError, OSError) as error:
             self.mark_down(replica.url, f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
             return
         body = _json(health)
         replica.replica_id = body.get("replica_id") if isinstance(body.get("replica_id"), str) else None
-        replica.reported_load = int(sum(float(value) for _, value in _GAUGE.findall(metrics.text)))
+        reported = int(sum(float(value) for _, value in _GAUGE.findall(metrics.text)))
+        replica.other_load = max(0, reported - in_flight)
         if not replica.healthy:
             log.info("replica %s is in (replica id %s)", replica.url, replica.replica_id)
         replica.healthy = True

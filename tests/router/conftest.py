@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.server.conftest import fresh_prompt  # noqa: F401  (prompts no other test sends)
 from tests.tiers.redis_server import RedisServer
 
 

@@ -1,6 +1,6 @@
 """KV events: each replica tells the router, through Redis, which blocks its memory index holds.
 
-The engine calls `stored(keys, namespace)` and `removed(keys)` as blocks enter and leave its
+The engine calls `stored(keys, root)` and `removed(keys)` as blocks enter and leave its
 prefix index (never blocking: the calls only queue); a publisher thread sends them as entries of
 one Redis stream per replica, `reprise:kv-events:<replica id>`, trimmed to about `max_len`
 entries. A router that starts late, or that lost its connection, must still learn everything the
@@ -124,10 +124,11 @@ class KvEventPublisher:
         self._thread = threading.Thread(target=self._run, name="reprise-kv-events", daemon=True)
         self._thread.start()
 
-    def stored(self, keys: Sequence[bytes], namespace: bytes | None = None) -> None:
-        """Blocks that entered the index, all under the namespace whose key root is `namespace`
-        (None: the shared namespace's root is unknown to the caller; the keys go under an all-zero id)."""
-        ns_id = namespace_id(namespace) if namespace is not None else bytes(KEY_BYTES)
+    def stored(self, keys: Sequence[bytes], root: bytes | None = None) -> None:
+        """Blocks that entered the index, all under the namespace whose key root is `root` (None:
+        unknown to the caller; the keys go under the all-zero id, which a router matches in any
+        namespace: the keys themselves still differ per namespace)."""
+        ns_id = namespace_id(root) if root is not None else bytes(KEY_BYTES)
         self._queue("stored", ns_id, keys)
 
     def removed(self, keys: Sequence[bytes]) -> None:
