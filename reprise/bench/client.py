@@ -157,9 +157,13 @@ _COUNTERS = {"reprise": ("reprise:prefix_cache_queries_total", "reprise:prefix_c
 
 
 def parse_cache_counters(text: str) -> dict | None:
-    """Prefix-cache token counters from Prometheus text, each summed over its label sets."""
+    """Prefix-cache token counters from Prometheus text, each summed over its label sets; reprise's
+    queries are its memory tier's (every prompt token; a lower tier's queries are a subset)."""
     totals: dict[str, float] = {}
+    memory_queries: dict[str, float] = {}     # reprise's tiers: every prompt token is a memory query
     for line in text.splitlines():
+        if line.startswith('reprise:prefix_cache_queries_total{tier="memory"}'):
+            memory_queries["reprise:prefix_cache_queries_total"] = float(line.split()[-1])
         if line and not line.startswith("#"):
             name, _, rest = line.partition("{") if "{" in line.split(" ")[0] else line.partition(" ")
             value = rest.rsplit("}", 1)[-1].split()
@@ -167,5 +171,5 @@ def parse_cache_counters(text: str) -> dict | None:
                 totals[name] = totals.get(name, 0.0) + float(value[0])
     for source, (queries, hits) in _COUNTERS.items():
         if queries in totals and hits in totals:
-            return {"queries": totals[queries], "hits": totals[hits], "source": source}
+            return {"queries": memory_queries.get(queries, totals[queries]), "hits": totals[hits], "source": source}
     return None

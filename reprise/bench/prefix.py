@@ -4,6 +4,9 @@ Per prompt length: one cold run (a prompt never seen), `repeats` exact repeats o
 `repeats` nearest prompts (the same prefix, a different last NEAREST_TAIL tokens, new each time so
 each one is a nearest hit, not an exact one). The cache's own cost is measured apart: lookup
 (`match`) and attach (`acquire`: block references plus the copy of a partial block).
+
+With `--disk-cache-dir`, a disk-hot case too: the prompt is evicted from the pool (every unused
+block), the tier's writes flushed, then sent again, so its prefix is loaded from disk.
 """
 from __future__ import annotations
 
@@ -58,7 +61,18 @@ def run_case(llm: LLM, length: int, output_tokens: int, repeats: int, rng: rando
     rows = [_row(length, "cold", [cold], cold)]
     rows.append(_row(length, "exact-hot", exact, cold, overhead))
     rows.append(_row(length, "nearest-hot", nearest, cold))
+    if llm.engine.tiers is not None and llm.engine.tiers.tiers:
+        rows.append(_row(length, "disk-hot", [disk_hot(llm, prompt, output_tokens) for _ in range(repeats)], cold))
     return rows
+
+
+def disk_hot(llm: LLM, prompt: list[int], output_tokens: int) -> dict:
+    """The prompt again after its blocks left the pool: its prefix comes back from the disk tier."""
+    engine = llm.engine
+    for tier in engine.tiers.tiers:
+        tier.flush()
+    engine.cache.evict(engine.num_blocks)
+    return timed_request(llm, prompt, output_tokens)
 
 
 def _row(length: int, case: str, runs: list[dict], cold: dict, overhead: dict | None = None) -> dict:
@@ -87,14 +101,15 @@ def plot_prefix(result: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    cases = ["cold", "exact-hot", "nearest-hot"]
+    cases = [case for case in ("cold", "exact-hot", "nearest-hot", "disk-hot")
+             if any(r["case"] == case for r in result["rows"])]
     lengths = sorted({r["prompt_tokens"] for r in result["rows"]})
     fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.25
+    width = 0.8 / len(cases)
     for i, case in enumerate(cases):
         values = [next(r["ttft_s"] for r in result["rows"] if r["prompt_tokens"] == n and r["case"] == case)
                   for n in lengths]
-        ax.bar([x + (i - 1) * width for x in range(len(lengths))], values, width, label=case)
+        ax.bar([x + (i - (len(cases) - 1) / 2) * width for x in range(len(lengths))], values, width, label=case)
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("time to first token (s)")

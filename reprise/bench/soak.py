@@ -39,6 +39,7 @@ BAD_BODIES = [
     {"prompt": [-1, 5]}, {"prompt": ""}, {"prompt": "x", "n": 3}, "not json at all", [1, 2, 3],
 ]
 _SAMPLE = re.compile(r'^(reprise:kv_blocks)\{state="(\w+)"\} (\S+)$|^([\w:]+) (\S+)$', re.MULTILINE)
+_MEMORY_TIER = re.compile(r'^(reprise:prefix_cache_\w+_total)\{tier="memory"\} (\S+)$', re.MULTILINE)
 
 
 @dataclass
@@ -223,6 +224,8 @@ async def read_metrics(client: httpx.AsyncClient) -> dict[str, float]:
             samples[f"kv_blocks_{found.group(2)}"] = float(found.group(3))
         else:
             samples[found.group(4)] = float(found.group(5))
+    for found in _MEMORY_TIER.finditer(text):      # the pool's own hits and every query
+        samples[found.group(1)] = float(found.group(2))
     return samples
 
 

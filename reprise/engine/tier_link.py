@@ -35,7 +35,7 @@ from typing import Sequence
 
 import torch
 
-from reprise.cache.manager import CacheManager, Match, SeqCache
+from reprise.cache.manager import CacheManager, Match, MissReason, SeqCache
 from reprise.cache.tiers import Tier
 from reprise.cache.tiers.keys import block_keys, namespace
 from reprise.engine.request import Request, RequestStatus
@@ -130,7 +130,8 @@ class TierLink:
     def begin(self, request: Request, match: Match) -> bool:
         """Starts loading the part of the prompt a tier holds beyond `match`, if worth it; True if
         the request is now LOADING (the caller has already taken it off the waiting queue)."""
-        if not self.tiers or request.tier_load is not None or request.cached_tokens is not None:
+        if not self.tiers or request.tier_load is not None or request.cached_tokens is not None \
+                or match.miss is MissReason.PROMPT_LOGPROBS:      # it recomputes every prompt position
             return False
         prompt, size = request.prompt_ids, self.block_size
         first, num_full = match.cached_tokens // size, len(prompt) // size

@@ -4,6 +4,13 @@ Engine-wide numbers (prefix cache counters, KV blocks, queue lengths) are read f
 `EngineStats` at scrape time by a custom collector, so they are exactly the engine's own counts:
 `reprise:prefix_cache_hits_total` is the sum of `cached_tokens` over every admitted request.
 Per-request numbers (latencies, cached tokens, token counts) are observed when a request ends.
+
+Tiers: the hit and query counters carry a `tier` label. `memory` counts every prompt token looked up
+and the tokens matched in the pool itself; a tier below it (`disk`, `store`) counts the prompt tokens
+its lookup covered (those beyond the memory match) and the tokens loaded from it that requests then
+reused. So hits summed over tiers = the sum of `cached_tokens`, and each tier's hit rate is its own
+hits / queries. Per tier also: bytes and entries held, load and store latencies, dropped writes and
+corrupt entries (drained from the tier's stats at each scrape).
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ _TOKEN_BUCKETS = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 3
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                  20.0, 40.0, 80.0)
 _TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_TIER_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -34,14 +42,27 @@ class EngineCollector:
 
     def __init__(self, read_stats: Callable[[], EngineStats]):
         self._read_stats = read_stats
+        self._load_seconds = Histogram("reprise:tier_load_seconds", "Seconds to read and verify one block from "
+                                       "a tier.", ["tier"], buckets=_TIER_BUCKETS, registry=None)
+        self._store_seconds = Histogram("reprise:tier_store_seconds", "Seconds to write one block to a tier.",
+                                        ["tier"], buckets=_TIER_BUCKETS, registry=None)
 
     def collect(self) -> Iterator[Metric]:
         stats = self._read_stats()
         cache = stats.cache
-        yield CounterMetricFamily("reprise:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                                  value=cache.queries)
-        yield CounterMetricFamily("reprise:prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache.",
-                                  value=cache.hits)
+        queries = CounterMetricFamily("reprise:prefix_cache_queries", "Prompt tokens looked up, by tier (memory: "
+                                      "every prompt token; a lower tier: those beyond the memory match).",
+                                      labels=["tier"])
+        hits = CounterMetricFamily("reprise:prefix_cache_hits", "Prompt tokens whose KV came from the prefix "
+                                   "cache, by the tier that held it.", labels=["tier"])
+        queries.add_metric(["memory"], cache.queries)
+        hits.add_metric(["memory"], cache.hits - sum(tier_hits for *_, tier_hits in stats.tiers))
+        for name, _, tier_queries, tier_hits in stats.tiers:
+            queries.add_metric([name], tier_queries)
+            hits.add_metric([name], tier_hits)
+        yield queries
+        yield hits
+        yield from self._tiers(stats.tiers)
         yield CounterMetricFamily("reprise:prefix_cache_evictions", "KV blocks evicted from the prefix cache.",
                                   value=cache.evictions)
         yield GaugeMetricFamily("reprise:kv_blocks_pinned", "KV blocks in the prefix cache under a client's "
@@ -71,6 +92,30 @@ class EngineCollector:
                                 value=stats.num_running)
         yield GaugeMetricFamily("reprise:num_requests_waiting", "Requests waiting to be admitted.",
                                 value=stats.num_waiting)
+
+
+    def _tiers(self, tiers) -> Iterator[Metric]:
+        families = {key: family(f"reprise:tier_{key}", text, labels=["tier"]) for key, family, text in (
+            ("bytes", GaugeMetricFamily, "Bytes a tier holds."),
+            ("entries", GaugeMetricFamily, "KV blocks a tier holds."),
+            ("stores", CounterMetricFamily, "KV blocks written to a tier."),
+            ("loads", CounterMetricFamily, "KV blocks read back from a tier and verified."),
+            ("dropped_writes", CounterMetricFamily, "Writes a tier dropped (its queue was full or it cannot write)."),
+            ("corrupt_entries", CounterMetricFamily, "Entries that failed their check at load (deleted, recomputed)."),
+            ("evictions", CounterMetricFamily, "Entries a tier removed to stay within its budget."))}
+        for name, tier, _, _ in tiers:
+            for key, value in (("bytes", tier.bytes_used), ("entries", tier.num_entries), ("stores", tier.stores),
+                               ("loads", tier.loads), ("dropped_writes", tier.dropped),
+                               ("corrupt_entries", tier.corrupt), ("evictions", tier.evictions)):
+                families[key].add_metric([name], value)
+            for seconds in tier.load_seconds:
+                self._load_seconds.labels(name).observe(seconds)
+            for seconds in tier.store_seconds:
+                self._store_seconds.labels(name).observe(seconds)
+        if tiers:
+            yield from families.values()
+            yield from self._load_seconds.collect()
+            yield from self._store_seconds.collect()
 
 
 class ServerMetrics:

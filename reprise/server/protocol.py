@@ -266,17 +266,31 @@ class CacheReport(BaseModel):
     diverged_at: int | None = None
     miss_reason: str | None = None
     diverged_message: int | None = None     # chat: the message in which reuse stopped (its index)
+    # with tiers under the pool (--disk-cache-dir): cached_tokens by the tier that held them,
+    # e.g. {"memory": 16, "disk": 3983}; absent from the report without tiers
+    cached_tokens_by_tier: dict[str, int] | None = None
 
     @classmethod
     def of(cls, outputs: list[RequestOutput]) -> CacheReport:
         """One prompt: its own report. Several: the sums, with no single divergence point."""
         cached = sum(o.cached_tokens for o in outputs)
         prompt = sum(len(o.prompt_token_ids) for o in outputs)
+        by_tier: dict[str, int] = {}
+        for output in outputs:
+            for tier, tokens in output.cached_tokens_by_tier.items():
+                by_tier[tier] = by_tier.get(tier, 0) + tokens
+        tiers = by_tier if set(by_tier) - {"memory"} else None
         if len(outputs) != 1:
-            return cls(cached_tokens=cached, prompt_tokens=prompt)
+            return cls(cached_tokens=cached, prompt_tokens=prompt, cached_tokens_by_tier=tiers)
         miss = outputs[0].miss
         return cls(cached_tokens=cached, prompt_tokens=prompt, diverged_at=outputs[0].diverged_at,
-                   miss_reason=miss.value if miss is not None else None)
+                   miss_reason=miss.value if miss is not None else None, cached_tokens_by_tier=tiers)
+
+    def model_dump(self, **kwargs) -> dict:
+        body = super().model_dump(**kwargs)
+        if body.get("cached_tokens_by_tier", 0) is None:
+            del body["cached_tokens_by_tier"]
+        return body
 
 
 class PromptTokensDetails(BaseModel):

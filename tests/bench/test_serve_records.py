@@ -65,6 +65,11 @@ def test_an_error_event_or_an_empty_stream_fails_the_request():
 def test_cache_counters_are_read_by_reprise_and_vllm_names_summed_over_labels():
     reprise = "# HELP x\nreprise:prefix_cache_queries_total 300.0\nreprise:prefix_cache_hits_total 120.0\n"
     assert parse_cache_counters(reprise) == {"queries": 300.0, "hits": 120.0, "source": "reprise"}
+    tiered = ('reprise:prefix_cache_queries_total{tier="memory"} 300.0\n'
+              'reprise:prefix_cache_queries_total{tier="disk"} 200.0\n'
+              'reprise:prefix_cache_hits_total{tier="memory"} 120.0\n'
+              'reprise:prefix_cache_hits_total{tier="disk"} 80.0\n')
+    assert parse_cache_counters(tiered) == {"queries": 300.0, "hits": 200.0, "source": "reprise"}
     vllm = ('vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1000.0\n'
             'vllm:prefix_cache_queries_total{engine="1",model_name="m"} 500.0\n'
             'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 250.0\n'

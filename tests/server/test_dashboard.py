@@ -76,7 +76,8 @@ def settled(http: httpx.Client) -> tuple[float, float]:
     previous = None
     for _ in range(100):
         wait_idle(http)
-        reading = (metric(http, "reprise:prefix_cache_hits_total"), metric(http, "reprise:prefix_cache_queries_total"))
+        reading = (metric(http, "reprise:prefix_cache_hits_total", tier="memory"),
+                   metric(http, "reprise:prefix_cache_queries_total", tier="memory"))
         if reading == previous:
             return reading
         previous = reading

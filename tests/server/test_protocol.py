@@ -122,7 +122,7 @@ def test_metrics_exposition_uses_exact_names():
     metrics = ServerMetrics(_stats)
     metrics.observe(output(10, 3, 9))
     lines = set(metrics.exposition().decode().splitlines())
-    for line in ("reprise:prefix_cache_queries_total 120.0", "reprise:prefix_cache_hits_total 99.0",
+    for line in ('reprise:prefix_cache_queries_total{tier="memory"} 120.0', 'reprise:prefix_cache_hits_total{tier="memory"} 99.0',
                  "reprise:prefix_cache_evictions_total 4.0", 'reprise:kv_blocks{state="used"} 3.0',
                  'reprise:kv_blocks{state="cached"} 7.0', 'reprise:kv_blocks{state="free"} 90.0',
                  "reprise:num_requests_running 2.0", "reprise:num_requests_waiting 1.0",

@@ -47,7 +47,7 @@ def test_streamed_logprobs_add_up_to_the_whole(client):
 
 def test_n_choices_share_one_prefill(client, http, fresh_prompt):
     prompt = fresh_prompt(33)                          # 32 tokens before the last: two whole blocks
-    before = metric(http, "reprise:prefix_cache_hits_total")
+    before = metric(http, "reprise:prefix_cache_hits_total", tier="memory")
     reply = client.completions.create(model="default", prompt=prompt, temperature=0, max_tokens=4, n=4)
     wait_idle(http)
     assert [choice.index for choice in reply.choices] == [0, 1, 2, 3]
@@ -55,7 +55,7 @@ def test_n_choices_share_one_prefill(client, http, fresh_prompt):
     assert reply.usage.prompt_tokens == 33                              # counted once, as OpenAI does
     assert reply.usage.completion_tokens == 4 * 4
     assert reply.usage.prompt_tokens_details.cached_tokens == 0         # the first choice computed it
-    assert metric(http, "reprise:prefix_cache_hits_total") - before == 3 * 32   # the other three read it
+    assert metric(http, "reprise:prefix_cache_hits_total", tier="memory") - before == 3 * 32   # the other three read it
 
 
 def test_echo_with_logprobs_returns_the_prompt_tokens(client, fresh_prompt):
