@@ -84,6 +84,9 @@ def test_requests_succeed_while_redis_is_dead(cluster, redis_alone):
         assert chat(running.url, history).status_code == 200
     for name in ("a", "b"):
         assert "kv store" in cluster[name].log() and "unavailable" in cluster[name].log()
+    errors = [line for line in httpx.get(f"{cluster['a'].url}/metrics").text.splitlines()
+              if line.startswith('reprise:tier_errors_total{tier="store"}')]
+    assert errors and float(errors[0].split()[-1]) >= 1
 
 
 def test_router_answers_from_the_others_when_a_replica_dies(cluster, redis_alone):

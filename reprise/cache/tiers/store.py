@@ -169,7 +169,8 @@ class RedisTier:
             counts = dict(self._counts)
         return TierStats(num_entries=num_keys, bytes_used=used, bytes_limit=limit, stores=counts["stores"],
                          dropped=counts["dropped"], loads=counts["loads"], corrupt=counts["corrupt"],
-                         evictions=evicted, load_seconds=load_seconds, store_seconds=store_seconds)
+                         evictions=evicted, load_seconds=load_seconds, store_seconds=store_seconds,
+                         errors=counts["errors"])
 
     def flush(self) -> None:
         with self._idle:
