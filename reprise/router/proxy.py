@@ -29,6 +29,8 @@ log = logging.getLogger("reprise.router")
 POLICIES = ("prefix", "round-robin")
 AFFINITY_TOKENS = 64
 ROUTE_HEADER = "x-reprise-route"     # on every answer: "<replica url> <reason> <estimated cached tokens>"
+# the last event of an OpenAI, Anthropic and Responses stream
+_STREAM_ENDS = (b"data: [DONE]", b"event: message_stop", b"event: response.completed", b"event: response.failed")
 _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "accept-encoding"}
 
 
@@ -97,17 +99,30 @@ class Router:
         self.metrics.estimated.labels(decision.url).inc(decision.cached_tokens)
 
     async def _relay(self, response: httpx.Response, replica: Replica, streaming: bool) -> AsyncIterator[bytes]:
+        """The answer's bytes as they come. The request leaves the replica's load before its last
+        bytes go out (the body's length reached, or a stream's final event seen), so a client that
+        sends its next request at once never finds its previous one still counted."""
         usage = UsageReader(streaming)
+        length = int(response.headers.get("content-length", 0)) or None
+        received, counted = 0, True
         try:
             async for chunk in response.aiter_bytes():
                 usage.feed(chunk)
+                received += len(chunk)
+                if counted and (received == length or any(end in chunk for end in _STREAM_ENDS)):
+                    counted = self._done(replica, usage)
                 yield chunk
         finally:
-            replica.in_flight -= 1
+            if counted:
+                self._done(replica, usage)
             await response.aclose()
-            reported = usage.finish()
-            if reported is not None:
-                self.metrics.reported.labels(replica.url).inc(reported)
+
+    def _done(self, replica: Replica, usage: UsageReader) -> bool:
+        replica.in_flight -= 1
+        reported = usage.finish()
+        if reported is not None:
+            self.metrics.reported.labels(replica.url).inc(reported)
+        return False
 
     def _cached_tokens(self, replica: Replica, prompt: Prompt | None) -> int:
         """Prompt tokens the replica's memory index holds, in the caller's namespace (policy.py)."""

@@ -72,8 +72,10 @@ class ReplicaTable:
         try:
             health = await self._client.get(f"{replica.url}/health")
             health.raise_for_status()
-            metrics = await self._client.get(f"{replica.url}/metrics")
             in_flight = replica.in_flight
+            metrics = await self._client.get(f"{replica.url}/metrics")
+            # the replica may count a request of ours that ended while /metrics answered: subtract it
+            in_flight = max(in_flight, replica.in_flight)
         except (httpx.HTTPError, OSError) as error:
             self.mark_down(replica.url, f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
             return
