@@ -72,6 +72,22 @@ def cached(answer: httpx.Response) -> tuple[int, int]:
     return usage["prompt_tokens_details"]["cached_tokens"], usage["prompt_tokens"]
 
 
+def settle(replicas: list[str], health_interval_s: float = 0.5) -> None:
+    """Until no replica runs or queues anything (a chat turn may leave a continuation prefill
+    running), and the router has had two health checks since: load then plays no part."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        texts = [httpx.get(f"{url}/metrics", timeout=5).text for url in replicas]
+        busy = [line for text in texts for line in text.splitlines()
+                if line.startswith(("reprise:num_requests_running ", "reprise:num_requests_waiting "))
+                and float(line.split()[-1]) > 0]
+        if not busy:
+            time.sleep(2 * health_interval_s + 0.2)
+            return
+        time.sleep(0.1)
+    pytest.fail("the replicas did not become idle")
+
+
 def wait_stored(redis_client, num_keys: int, timeout_s: float = 30) -> None:
     """Until the shared tier holds at least `num_keys` blocks (writes are asynchronous)."""
     deadline = time.monotonic() + timeout_s

@@ -2,13 +2,15 @@
 the router looks requests up only in the caller's namespace."""
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
 from reprise.router.policy import rendezvous
 from reprise.router.prompts import PromptReader
 from reprise.router.proxy import ROUTE_HEADER, _affinity
-from tests.router.cluster import KEYS, cached, chat, replica, router, wait_stored
+from tests.router.cluster import KEYS, cached, chat, replica, router, settle, wait_stored
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +64,11 @@ def test_routing_of_one_tenant_ignores_the_others_entries(replicas, redis_server
     messages = long_messages(fresh_prompt, 300)
     with router(list(replicas), "--kv-store", redis_server.url) as running:
         first = chat(running.url, messages, key=KEYS[1], cache_salt="t2")     # tenant two computes it somewhere
+        settle(list(replicas))
         again = chat(running.url, messages, key=KEYS[1], cache_salt="t2")
         assert again.headers[ROUTE_HEADER].split()[:2] == [first.headers[ROUTE_HEADER].split()[0], "prefix"]
         # tenant one, in a namespace of its own that holds nothing yet (its key's salt + this cache_salt)
+        settle(list(replicas))
         answer = chat(running.url, messages, key=KEYS[0], cache_salt="routing-test")
         url, reason, estimate = answer.headers[ROUTE_HEADER].split()
         assert (reason, estimate) == ("affinity", "0") and cached(answer)[0] == 0
@@ -76,3 +80,35 @@ def test_routing_of_one_tenant_ignores_the_others_entries(replicas, redis_server
         metrics = httpx.get(f"{running.url}/metrics").text
         assert 'reprise:router_decisions_total{reason="prefix"} 1.0' in metrics
         assert 'reprise:router_decisions_total{reason="affinity"} 2.0' in metrics
+
+
+def test_router_passes_streams_and_every_api_through(replicas, redis_server, fresh_prompt):
+    messages = long_messages(fresh_prompt, 100)
+    auth = {"Authorization": f"Bearer {KEYS[0]}"}
+    with router(list(replicas), "--kv-store", redis_server.url) as running:
+        computed = chat(running.url, messages)
+        settle(list(replicas))
+        body = {"model": "default", "messages": messages, "max_tokens": 8, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{running.url}/v1/chat/completions", json=body, headers=auth, timeout=120) as answer:
+            assert answer.status_code == 200 and answer.headers[ROUTE_HEADER].split()[1] == "prefix"
+            events = [line for line in answer.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        usage = json.loads(events[-2][6:])["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == cached(computed)[1] - 1
+        text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in events[:-2])
+        assert text == computed.json()["choices"][0]["message"]["content"]
+        settle(list(replicas))
+        anthropic = httpx.post(f"{running.url}/v1/messages", headers=auth, timeout=120,
+                               json={"model": "default", "max_tokens": 8, "messages": messages})
+        assert anthropic.status_code == 200, anthropic.text
+        assert anthropic.headers[ROUTE_HEADER].split()[1] == "prefix"
+        completion = httpx.post(f"{running.url}/v1/completions", headers=auth, timeout=120,
+                                json={"model": "default", "prompt": "Hello", "max_tokens": 4})
+        assert completion.status_code == 200
+        responses = httpx.post(f"{running.url}/v1/responses", headers=auth, timeout=120,
+                               json={"model": "default", "input": messages[0]["content"], "max_output_tokens": 8})
+        assert responses.status_code == 200, responses.text
+        reported = [line for line in httpx.get(f"{running.url}/metrics").text.splitlines()
+                    if line.startswith("reprise:router_reported_cached_tokens_total")]
+        assert sum(float(line.split()[-1]) for line in reported) >= 2 * (cached(computed)[1] - 1)
