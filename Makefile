@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser serve test bench clean
+.PHONY: setup browser redis serve test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,16 +17,20 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[test]'
 	touch $(STAMP)
 
-setup: $(STAMP) browser
+setup: $(STAMP) browser redis
 
 # the dashboard's browser tests drive a headless Chromium (Debian's package), installed when missing
 browser:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
+# the shared-tier and router tests start real redis-server processes (Debian's package), installed when missing
+redis:
+	command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
+
 serve: $(STAMP)
 	$(VENV)/bin/reprise serve $(ARGS)
 
-test: $(STAMP) browser
+test: $(STAMP) browser redis
 	$(PY) -m pytest -q $(ARGS)
 
 bench: $(STAMP)

@@ -34,6 +34,11 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="a disk tier under the KV pool in this directory, kept across restarts (docs/disk-cache.md)")
     parser.add_argument("--disk-cache-bytes", type=parse_bytes, default=None,
                         help="the disk tier's budget, LRU beyond it, e.g. 50GiB (default: 10GiB)")
+    parser.add_argument("--kv-store", default=None, metavar="redis://HOST:PORT/DB",
+                        help="a KV tier shared by replicas of the same model on Redis, which also carries the KV events "
+                             "`reprise route` reads (docs/scale-out.md)")
+    parser.add_argument("--kv-store-ttl", type=int, default=24 * 3600, metavar="SECONDS",
+                        help="how long a block stays in the shared tier (Redis's allkeys-lru may drop it sooner)")
     parser.add_argument("--inject-fault-every", type=int, default=None, help=argparse.SUPPRESS)   # tests only
     parser.add_argument("--speculative", default=None, choices=SPECULATIVE_METHODS,
                         help="speculative decoding: ngram drafts tokens by prompt lookup (off by default)")
@@ -52,6 +57,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         spec_tokens=args.spec_tokens, spec_ngram_max=args.spec_ngram_max,
                         spec_ngram_min=args.spec_ngram_min, max_pinned_fraction=args.max_pinned_fraction,
                         disk_cache_dir=args.disk_cache_dir, disk_cache_bytes=args.disk_cache_bytes,
+                        kv_store=args.kv_store, kv_store_ttl=args.kv_store_ttl,
                         inject_fault_every=args.inject_fault_every)
 
 
@@ -96,6 +102,11 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(args, _llm_kwargs(args) if args.what in IN_PROCESS else {})
 
 
+def _route(args: argparse.Namespace) -> int:
+    from reprise.router.app import route
+    return route(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reprise", description="LLM inference built around the prefix cache")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from reprise.bench import add_bench_parser
     add_bench_parser(commands, _engine_flags).set_defaults(run=_bench)
+
+    route = commands.add_parser("route", help="route requests over replicas by where their prefix is cached")
+    from reprise.router.app import add_route_flags
+    add_route_flags(route)
+    route.set_defaults(run=_route)
     return parser
 
 

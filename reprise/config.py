@@ -55,4 +55,6 @@ class EngineConfig:
     max_pinned_fraction: float = 0.5         # of the KV pool, the blocks one tenant may pin (retention)
     disk_cache_dir: str | None = None        # the disk tier under the KV pool (docs/disk-cache.md); None = off
     disk_cache_bytes: int | None = None      # its budget; None = 10GiB
+    kv_store: str | None = None              # redis://HOST:PORT/DB: the shared tier and KV events (docs/scale-out.md)
+    kv_store_ttl: int = 24 * 3600            # seconds each block stays in the shared tier (Redis LRU may drop it sooner)
     inject_fault_every: int | None = None    # tests only: every Nth batch raises (fault containment)

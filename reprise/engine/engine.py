@@ -18,7 +18,7 @@ from reprise.engine.sampler import Sampler
 from reprise.engine.scheduler import Scheduler
 from reprise.engine.speculative import SPECULATIVE_METHODS, NgramDrafter
 from reprise.engine.tier_link import TierLink
-from reprise.engine.tiers import build_observers, build_tiers, fingerprint, kv_layout_string
+from reprise.engine.tiers import build_observers, build_tiers, fingerprint, kv_layout_string, replica_id, wants_keys
 from reprise.loader import load_model
 from reprise.models import build_model
 from reprise.models.layers.quant import weights_bytes
@@ -142,12 +142,20 @@ class Engine:
         if config.disk_cache_dir is not None and layout.has_recurrent:
             raise ValueError(f"--disk-cache-dir: {self.model_path} has recurrent layers, whose state checkpoints "
                              "the disk tier does not store yet; serve it without --disk-cache-dir")
-        observers = build_observers(config)
-        if not config.prefix_cache or (config.disk_cache_dir is None and not observers):
+        if config.kv_store is not None and layout.has_recurrent:
+            raise ValueError(f"--kv-store: {self.model_path} has recurrent layers, whose state checkpoints the "
+                             "shared tier does not store yet; serve it without --kv-store")
+        if not config.prefix_cache or not wants_keys(config):
             return None
         layout_text = kv_layout_string(layout, self.model_config.num_key_value_heads, self.model_config.head_dim)
         digest = fingerprint(model, self.dtype, self.block_size, layout_text)
-        return TierLink(build_tiers(config, digest), observers, None, digest, self.block_size)
+        return TierLink(build_tiers(config, digest), build_observers(config, digest, self.block_size), None, digest,
+                        self.block_size)
+
+    @property
+    def replica_id(self) -> str | None:
+        """The id this engine publishes its KV events under (with --kv-store), else None."""
+        return replica_id(self.tiers.observers) if self.tiers is not None else None
 
     def lookup(self, prompt_ids: list[int], salt: str | None) -> Match:
         """The cache match `prompt_ids` would get now under `salt`, without running (POST /v1/cache/lookup)."""

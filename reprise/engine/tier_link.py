@@ -28,6 +28,7 @@ is 50x cheaper than recomputing at any depth, so one block is already worth it.
 from __future__ import annotations
 
 import atexit
+import itertools
 import queue
 import threading
 from collections import defaultdict
@@ -44,8 +45,8 @@ from reprise.cache.tiers.keys import block_keys, namespace
 from reprise.engine.request import Request, RequestStatus
 
 MIN_LOAD_BLOCKS = 1
-LOAD_THREADS = 2          # entries read and verified at once
-LOAD_BATCH = 32           # entries per round of the pool: a bad one stops the load within a round
+LOAD_THREADS = 2          # tier.load calls at once (file reads, blake2b and a store's round trip release the GIL)
+LOAD_BATCH = 32           # keys per round, split over LOAD_THREADS calls; a bad entry stops the load within a round
 
 
 @dataclass(eq=False)
@@ -106,7 +107,7 @@ class TierLink:
             self._block_keys[block] = keys[i]
         if self.observers and new:
             for observer in self.observers:
-                observer.stored([keys[i] for i, _ in new])
+                observer.stored([keys[i] for i, _ in new], self.root(salt))
         positions = [i for i, _ in new]
         targets = [tier for tier in self.tiers if any(not tier.contains([keys[i]]) for i in positions)]
         if targets and self.kv is not None:
@@ -219,14 +220,17 @@ class TierLink:
 
     def _read(self, load: Load) -> torch.Tensor | None:
         """The leading run of `load.keys` whose entries are present and sound, as one tensor. Reads
-        and verifies LOAD_THREADS entries at a time (file reads and blake2b release the GIL)."""
+        LOAD_BATCH keys a round, split over LOAD_THREADS `tier.load` calls at once (one MGET each
+        for a shared store)."""
         shape = (self.kv.shape[0], 2, *self.kv.shape[3:])
         payload = torch.empty((len(load.keys), *shape), dtype=self.kv.dtype)
         rows = payload.view(len(load.keys), -1).view(torch.uint8).numpy()
         num_loaded = 0
         for start in range(0, len(load.keys), LOAD_BATCH):
             batch = load.keys[start:start + LOAD_BATCH]
-            for data in self._pool.map(lambda key: load.tier.load([key])[0], batch):
+            step = -(-len(batch) // LOAD_THREADS)
+            parts = self._pool.map(load.tier.load, [batch[i:i + step] for i in range(0, len(batch), step)])
+            for data in itertools.chain.from_iterable(parts):
                 if load.cancelled or data is None or len(data) != rows.shape[1]:
                     return payload[:num_loaded] if num_loaded else None
                 rows[num_loaded] = np.frombuffer(data, dtype=np.uint8)
@@ -251,3 +255,5 @@ class TierLink:
         self._pool.shutdown()
         for tier in self.tiers:
             tier.close()
+        for observer in self.observers:
+            observer.close()

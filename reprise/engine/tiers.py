@@ -2,13 +2,17 @@
 
 `build_tiers(config, fingerprint)` is the ONE place that turns EngineConfig into an ordered list of
 tiers (disk first, then a shared store): a new tier is one more line there. `build_observers(config)`
-is the same for KV-event observers (`stored(keys)` / `removed(keys)` as blocks enter and leave the
-memory index): the engine computes block keys only when a tier or an observer exists.
+is the same for KV-event observers (`stored(keys, root)` / `removed(keys)` as blocks enter and leave
+the memory index): the engine computes block keys only when a tier or an observer exists.
+
+`--kv-store redis://...` adds both: the shared tier (cache/tiers/store.py) after the disk, and the
+publisher of this replica's KV events (cache/tiers/events.py) that `reprise route` reads.
 """
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from typing import Protocol, Sequence
 
 import torch
@@ -16,7 +20,9 @@ import torch
 from reprise.cache.layout import CacheLayout
 from reprise.cache.tiers import Tier
 from reprise.cache.tiers.disk import DiskTier
+from reprise.cache.tiers.events import KvEventPublisher
 from reprise.cache.tiers.keys import model_fingerprint
+from reprise.cache.tiers.store import RedisTier
 from reprise.config import EngineConfig
 
 log = logging.getLogger("reprise")
@@ -28,9 +34,13 @@ class KVEventObserver(Protocol):
     """Hears the block keys that enter the memory index (`stored`) and leave it (`removed`), on the
     engine thread: return quickly (queue, do not block)."""
 
-    def stored(self, keys: Sequence[bytes]) -> None: ...
+    def stored(self, keys: Sequence[bytes], root: bytes) -> None:
+        """`keys` entered the index, all under the namespace whose key root is `root`."""
 
     def removed(self, keys: Sequence[bytes]) -> None: ...
+
+    def close(self) -> None:
+        """Sends what is queued and stops (graceful shutdown)."""
 
 
 def build_tiers(config: EngineConfig, fingerprint: str) -> list[Tier]:
@@ -43,12 +53,32 @@ def build_tiers(config: EngineConfig, fingerprint: str) -> list[Tier]:
         log.info("disk cache %s: %d blocks (%d bytes) indexed in %.3f s", config.disk_cache_dir,
                  stats.num_entries, stats.bytes_used, disk.rebuild_seconds)
         tiers.append(disk)
+    if config.kv_store is not None:
+        tiers.append(RedisTier(config.kv_store, ttl_s=config.kv_store_ttl))
+        log.info("shared KV tier on %s (TTL %d s)", _without_password(config.kv_store), config.kv_store_ttl)
     return tiers
 
 
-def build_observers(config: EngineConfig) -> list[KVEventObserver]:
-    """KV-event observers from the configuration (none yet: the router's publisher adds one here)."""
-    return []
+def build_observers(config: EngineConfig, fingerprint: str, block_size: int) -> list[KVEventObserver]:
+    """KV-event observers from the configuration: with --kv-store, the publisher `reprise route`
+    reads, under a replica id new to this process (a restarted replica starts empty)."""
+    if config.kv_store is None:
+        return []
+    return [KvEventPublisher(config.kv_store, uuid.uuid4().hex, fingerprint, block_size)]
+
+
+def replica_id(observers: Sequence[KVEventObserver]) -> str | None:
+    """The id this replica publishes its KV events under (its /health says it), if it does."""
+    return next((observer.replica_id for observer in observers if isinstance(observer, KvEventPublisher)), None)
+
+
+def wants_keys(config: EngineConfig) -> bool:
+    """Whether any tier or observer is configured (the fingerprint is computed only then)."""
+    return config.disk_cache_dir is not None or config.kv_store is not None
+
+
+def _without_password(url: str) -> str:
+    return url if "@" not in url else url.split("://", 1)[0] + "://***@" + url.rsplit("@", 1)[1]
 
 
 def kv_layout_string(layout: CacheLayout, num_kv_heads: int, head_dim: int) -> str:

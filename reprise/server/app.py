@@ -5,9 +5,10 @@ Routes: POST /v1/chat/completions, POST /v1/completions, POST /v1/messages and
 Responses API, responses_api.py), POST /v1/cache/lookup (dry-run match),
 GET /v1/cache/check (the cache's invariants, recounted), GET /v1/models, POST /tokenize and
 /detokenize (vLLM's shapes), GET /version, GET and HEAD /health (503 once the engine thread is
-gone), GET /metrics. With API keys, /v1/* needs `Authorization: Bearer KEY` (or `x-api-key: KEY`), and
-several keys are several tenants, each in its own cache namespace unless --shared-cache; /v1/cache/check
-sees across tenants and needs --admin-key where there is more than one key (middleware.BearerAuth); /health, /version and
+gone; with --kv-store its `replica_id` names this replica's KV event stream), GET /metrics. With API
+keys, /v1/* needs `Authorization: Bearer KEY` (or `x-api-key: KEY`), and several keys are several
+tenants, each in its own cache namespace unless --shared-cache; /v1/cache/check sees across tenants
+and needs --admin-key where there is more than one key (middleware.BearerAuth); /health, /version and
 /metrics stay open (so do /tokenize and /detokenize, as in vLLM: they touch no cache). With
 --allowed-origins, browsers' CORS preflights are answered. Bodies past --max-body-bytes get 413 before any parsing. Every
 error has OpenAI's shape (errors.py). A request is admitted (or refused with 429) before its
@@ -55,12 +56,15 @@ def create_app(async_engine: AsyncEngine, config: ServerConfig = ServerConfig())
     install_error_handlers(app, config.log_prompts)
     _install_middleware(app, config)
     created = int(time.time())
+    health_body = {"status": "ok", "per_key_namespaces": config.isolated}    # the router looks up as the replica does
+    if engine.replica_id is not None:
+        health_body["replica_id"] = engine.replica_id
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict:
         if not async_engine.is_alive:
             raise APIError(503, "the engine thread is not running", code="engine_dead")
-        return {"status": "ok"}
+        return health_body
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

@@ -102,11 +102,14 @@ class EngineCollector:
             ("loads", CounterMetricFamily, "KV blocks read back from a tier and verified."),
             ("dropped_writes", CounterMetricFamily, "Writes a tier dropped (its queue was full or it cannot write)."),
             ("corrupt_entries", CounterMetricFamily, "Entries that failed their check at load (deleted, recomputed)."),
-            ("evictions", CounterMetricFamily, "Entries a tier removed to stay within its budget."))}
+            ("evictions", CounterMetricFamily, "Entries a tier removed to stay within its budget."),
+            ("errors", CounterMetricFamily, "Failed calls to a tier's backend (the shared store down or too slow: "
+             "requests go on from the tiers above it)."))}
         for name, tier, _, _ in tiers:
             for key, value in (("bytes", tier.bytes_used), ("entries", tier.num_entries), ("stores", tier.stores),
                                ("loads", tier.loads), ("dropped_writes", tier.dropped),
-                               ("corrupt_entries", tier.corrupt), ("evictions", tier.evictions)):
+                               ("corrupt_entries", tier.corrupt), ("evictions", tier.evictions),
+                               ("errors", tier.errors)):
                 families[key].add_metric([name], value)
             for seconds in tier.load_seconds:
                 self._load_seconds.labels(name).observe(seconds)

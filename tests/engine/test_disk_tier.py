@@ -22,11 +22,14 @@ class Events:
         self.stored_keys: list[bytes] = []
         self.removed_keys: list[bytes] = []
 
-    def stored(self, keys):
+    def stored(self, keys, root):
         self.stored_keys.extend(keys)
 
     def removed(self, keys):
         self.removed_keys.extend(keys)
+
+    def close(self):
+        pass
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,7 @@ def tiered(tmp_path_factory):
     """float32, 48 blocks of 16 tokens, a disk tier and an event observer."""
     events = Events()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("reprise.engine.engine.build_observers", lambda config: [events])
+        patch.setattr("reprise.engine.engine.build_observers", lambda config, fingerprint, block_size: [events])
         llm = LLM(dtype="float32", kv_cache_bytes=48 * 737280, disk_cache_dir=tmp_path_factory.mktemp("disk"))
     yield llm, events
     llm.close()

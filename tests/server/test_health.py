@@ -28,6 +28,7 @@ class StandInEngine:
         self.model_path = "stand-in"
         self.config = SimpleNamespace(model=None)
         self.max_model_len = 64
+        self.replica_id = None
         self.admitting = threading.Event()
         self.admitting.set()
 
@@ -58,7 +59,7 @@ def wait_dead(async_engine: AsyncEngine) -> None:
 
 def test_health_is_503_once_the_engine_thread_is_dead(stand_in):
     with TestClient(create_app(stand_in)) as client:
-        assert client.get("/health").json() == {"status": "ok"}
+        assert client.get("/health").json() == {"status": "ok", "per_key_namespaces": False}
         stand_in.abort("any")                   # the stand-in's abort raises: the thread ends
         wait_dead(stand_in)
         response = client.get("/health")

@@ -30,6 +30,7 @@ class TierStats:
     evictions: int            # entries removed to stay within the budget
     load_seconds: tuple[float, ...] = ()    # latencies since the last `stats` call (for histograms)
     store_seconds: tuple[float, ...] = ()
+    errors: int = 0           # failed calls to the tier's backend (a shared store that is down or slow)
 
 
 class Tier(Protocol):
