@@ -1,4 +1,5 @@
-"""Session fixtures: the default model is loaded once per run, with the prefix cache on and off."""
+"""Session fixtures: the default model is loaded once per run, with the prefix cache on and off; one
+redis-server per run for the tiers and router tests."""
 from __future__ import annotations
 
 import random
@@ -46,3 +47,19 @@ def prompt_ids(llm: LLM, seed: int | str, num_tokens: int) -> list[int]:
     ids = llm.tokenizer.encode(words(seed, num_tokens))
     assert len(ids) >= num_tokens
     return ids[:num_tokens]
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One real redis-server per run on a free 127.0.0.1 port (tests/tiers/redis_server.py)."""
+    from tests.tiers.redis_server import RedisServer
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """The session's Redis, flushed for this test."""
+    redis_server.client().flushdb()
+    return redis_server.url

@@ -21,7 +21,7 @@ blocks before it are used, the rest recomputed. A request loads at most once.
 
 `min_load_blocks` = 1, measured (`reprise bench prefix --disk-cache-dir`, SmolLM2-135M bfloat16,
 blocks of 16 tokens, 2 CPU cores): a disk-hot 8,000-token prompt loaded its 500 blocks in ~0.35 s,
-0.7 ms a block (read, blake2b check, copy into the pool, two reader threads), while a cold prefill
+0.7 ms a block (read, checksum, copy into the pool, two reader threads), while a cold prefill
 cost 35 ms a block at 2,000 tokens and 65 ms at 8,000 (attention grows with the context). Loading
 is 50x cheaper than recomputing at any depth, so one block is already worth it.
 """
@@ -45,7 +45,7 @@ from reprise.cache.tiers.keys import block_keys, namespace
 from reprise.engine.request import Request, RequestStatus
 
 MIN_LOAD_BLOCKS = 1
-LOAD_THREADS = 2          # tier.load calls at once (file reads, blake2b and a store's round trip release the GIL)
+LOAD_THREADS = 2          # tier.load calls at once (file reads, checksums and a store's round trip release the GIL)
 LOAD_BATCH = 32           # keys per round, split over LOAD_THREADS calls; a bad entry stops the load within a round
 
 
@@ -108,18 +108,22 @@ class TierLink:
         if self.observers and new:
             for observer in self.observers:
                 observer.stored([keys[i] for i, _ in new], self.root(salt))
-        positions = [i for i, _ in new]
-        targets = [tier for tier in self.tiers if any(not tier.contains([keys[i]]) for i in positions)]
-        if targets and self.kv is not None:
-            self._write(targets, [keys[i] for i in positions], [block for _, block in new])
+        new_keys = [keys[i] for i, _ in new]
+        # one `contains` a tier (a round trip for a shared store): it holds a leading run of these
+        # blocks (all of them, after a load from it; none, after a cold prefill); it gets the rest
+        held = {tier.name: tier.contains(new_keys) for tier in self.tiers}
+        first = min(held.values(), default=len(new))
+        if first < len(new) and self.kv is not None:
+            self._write(held, new_keys[first:], [block for _, block in new[first:]], first)
 
-    def _write(self, tiers: list[Tier], keys: list[bytes], blocks: list[int]) -> None:
+    def _write(self, held: dict[str, int], keys: list[bytes], blocks: list[int], first: int) -> None:
         ids = torch.tensor(blocks, device=self.kv.device)
         payload = self.kv[:, :, ids].permute(2, 0, 1, 3, 4, 5).contiguous().cpu()
         rows = payload.reshape(len(blocks), -1).view(torch.uint8).numpy()
         entries = [(key, memoryview(rows[j])) for j, key in enumerate(keys)]
-        for tier in tiers:
-            tier.store(entries)
+        for tier in self.tiers:
+            if held[tier.name] < first + len(entries):
+                tier.store(entries[held[tier.name] - first:])
 
     def evicted(self, blocks) -> None:
         keys = [self._block_keys.pop(block) for block in blocks if block in self._block_keys]

@@ -1,23 +1,16 @@
 """Replicas, routers and conversations for the scale-out tests (real processes on 127.0.0.1)."""
 from __future__ import annotations
 
-import contextlib
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.server.helpers import Running, free_port, launch, stop
+from tests.server.helpers import launch
 
 KV_CACHE_BYTES = str(128 * 2**20)
 REPLICA_FLAGS = ["--dtype", "float32", "--kv-cache-bytes", KV_CACHE_BYTES, "--block-size", "16"]
 KEYS = ("tenant-one-key", "tenant-two-key")
-START_TIMEOUT_S = 60
 
 
 def replica(kv_store: str | None, *extra: str):
@@ -26,36 +19,10 @@ def replica(kv_store: str | None, *extra: str):
     return launch([*REPLICA_FLAGS, "--api-key", ",".join(KEYS), *store, *extra])
 
 
-@contextlib.contextmanager
-def router(replicas: list[str], *flags: str) -> Iterator[Running]:
+def router(replicas: list[str], *flags: str):
     """`reprise route` over `replicas`, answering /health with every replica in."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "reprise.cli", "route", "--port", str(port),
-               "--health-interval", "0.5", *(arg for r in replicas for arg in ("--replica", r)), *flags]
-    with tempfile.TemporaryDirectory() as directory:
-        log_path = Path(directory) / "route.log"
-        with open(log_path, "w") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
-        running = Running(url, process, log_path)
-        try:
-            _wait_all_in(running, len(replicas))
-            yield running
-        finally:
-            stop(process)
-
-
-def _wait_all_in(running: Running, num_replicas: int) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if running.process.poll() is not None:
-            pytest.fail(f"reprise route exited with {running.process.returncode}:\n{running.log()[-4000:]}")
-        with contextlib.suppress(httpx.TransportError):
-            answer = httpx.get(f"{running.url}/health", timeout=1)
-            if answer.status_code == 200 and len(answer.json()["replicas"]) == num_replicas:
-                return
-        time.sleep(0.3)
-    pytest.fail(f"reprise route did not see {num_replicas} replicas:\n{running.log()[-4000:]}")
+    return launch(["--health-interval", "0.5", *(arg for r in replicas for arg in ("--replica", r)), *flags],
+                  "route", lambda health: len(health["replicas"]) == len(replicas))
 
 
 def chat(url: str, messages: list[dict], key: str = KEYS[0], max_tokens: int = 8, **extra) -> httpx.Response:

@@ -30,18 +30,19 @@ class Running:
 
 
 @contextlib.contextmanager
-def launch(flags: list[str]) -> Iterator[Running]:
-    """`reprise serve FLAGS` on a free 127.0.0.1 port, healthy on entry, stopped on exit."""
+def launch(flags: list[str], subcommand: str = "serve", ready=lambda health: True) -> Iterator[Running]:
+    """`reprise SUBCOMMAND FLAGS` (serve, route) on a free 127.0.0.1 port, on entry healthy with a
+    /health body that `ready` accepts, stopped on exit."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "reprise.cli", "serve", "--port", str(port), *flags]
+    command = [sys.executable, "-m", "reprise.cli", subcommand, "--port", str(port), *flags]
     with tempfile.TemporaryDirectory() as directory:
-        log_path = Path(directory) / "serve.log"
+        log_path = Path(directory) / f"{subcommand}.log"
         with open(log_path, "w") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
         running = Running(url, process, log_path)
         try:
-            _wait_healthy(running)
+            _wait_healthy(running, subcommand, ready)
             yield running
         finally:
             stop(process)
@@ -64,18 +65,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_healthy(running: Running) -> None:
+def _wait_healthy(running: Running, subcommand: str, ready) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if running.process.poll() is not None:
-            pytest.fail(f"reprise serve exited with {running.process.returncode}:\n{running.log()[-4000:]}")
-        try:
-            if httpx.get(f"{running.url}/health", timeout=1).status_code == 200:
+            pytest.fail(f"reprise {subcommand} exited with {running.process.returncode}:\n{running.log()[-4000:]}")
+        with contextlib.suppress(httpx.TransportError):
+            health = httpx.get(f"{running.url}/health", timeout=1)
+            if health.status_code == 200 and ready(health.json()):
                 return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"reprise serve was not healthy after {START_TIMEOUT_S} s")
+        time.sleep(0.3)
+    pytest.fail(f"reprise {subcommand} was not ready after {START_TIMEOUT_S} s:\n{running.log()[-4000:]}")
 
 
 def metric(http: httpx.Client, name: str, **labels: str) -> float:

@@ -12,8 +12,16 @@ The pool talks to a tier through `Tier` only, so the disk tier (`disk.py`), the 
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Protocol, Sequence
+
+
+def checksum(payload: bytes | memoryview) -> bytes:
+    """The 16-byte check every tier stores with a payload: SHA-256 (hardware-accelerated here: 0.21 ms
+    for a 360 KiB block, against 0.51 ms for blake2b, which made the check most of a disk load),
+    truncated. It catches torn, truncated and flipped entries; tiers are not an adversary's store."""
+    return hashlib.sha256(payload).digest()[:16]
 
 
 @dataclass(frozen=True, slots=True)

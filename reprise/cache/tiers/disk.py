@@ -3,7 +3,7 @@
 Layout: one file per block, `DIR/<first byte of the key, hex>/<key hex>.kv`, holding a 32-byte header
 then the payload:
 
-    magic b"RPKV" | version u16 | reserved u16 | payload length u64 | blake2b-128 of the payload
+    magic b"RPKV" | version u16 | reserved u16 | payload length u64 | checksum (16 bytes, tiers.checksum)
 
 The index of what the tier holds is its own key table (an ordered dict key -> file size, least
 recently used first), rebuilt at start-up by listing the directory (files ordered by mtime); a
@@ -24,7 +24,6 @@ process, with ONE warning; later writes are dropped and counted, reads go on.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
@@ -35,19 +34,15 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
-from reprise.cache.tiers import TierStats
+from reprise.cache.tiers import TierStats, checksum
 
 log = logging.getLogger("reprise")
 
 MAGIC = b"RPKV"
-VERSION = 1
+VERSION = 2              # 2: SHA-256 checksums (1: blake2b); an entry of another version is a miss
 HEADER = struct.Struct("<4sHHQ16s")
 SUFFIX = ".kv"
 DEFAULT_MAX_PENDING_BYTES = 512 * 2**20
-
-
-def checksum(payload: bytes | memoryview) -> bytes:
-    return hashlib.blake2b(payload, digest_size=16).digest()
 
 
 def encode_header(payload: bytes | memoryview) -> bytes:

@@ -6,7 +6,7 @@ Keys are `reprise:kv:<hex of the block key>`: the block key already carries the 
 and the model fingerprint (tiers/keys.py), so replicas of one model share blocks and tenants never
 do. A value is a header, then the payload:
 
-    magic "RPKV" | version (1 byte) | payload length (8 bytes, little-endian) | blake2b-16 of the payload
+    magic "RPKV" | version (1 byte) | payload length (8 bytes, little-endian) | checksum (16 bytes, tiers.checksum)
 
 A value whose header or checksum does not match is a miss: deleted and counted in `corrupt`.
 
@@ -25,7 +25,6 @@ again; the first success logs the recovery.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import struct
@@ -37,13 +36,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from reprise.cache.tiers import TierStats
+from reprise.cache.tiers import TierStats, checksum
 
 log = logging.getLogger("reprise")
 
 KEY_PREFIX = "reprise:kv:"
 MAGIC = b"RPKV"
-VERSION = 1
+VERSION = 2              # 2: SHA-256 checksums (1: blake2b)
 HEADER = struct.Struct("<4sBQ16s")
 DEFAULT_TTL_S = 24 * 3600
 DEFAULT_QUEUE_BYTES = 256 * 2**20
@@ -55,19 +54,18 @@ WRITE_BATCH = 32                # entries per pipeline
 
 def encode(payload: bytes) -> bytes:
     """Header + payload, as stored."""
-    checksum = hashlib.blake2b(payload, digest_size=16).digest()
-    return HEADER.pack(MAGIC, VERSION, len(payload), checksum) + payload
+    return HEADER.pack(MAGIC, VERSION, len(payload), checksum(payload)) + payload
 
 
 def decode(value: bytes) -> bytes | None:
     """The payload of a stored value, or None when its header or checksum does not match."""
     if len(value) < HEADER.size:
         return None
-    magic, version, length, checksum = HEADER.unpack_from(value)
+    magic, version, length, digest = HEADER.unpack_from(value)
     payload = value[HEADER.size:]
     if magic != MAGIC or version != VERSION or length != len(payload):
         return None
-    return payload if hashlib.blake2b(payload, digest_size=16).digest() == checksum else None
+    return payload if checksum(payload) == digest else None
 
 
 def redis_key(key: bytes) -> str:
