@@ -109,6 +109,10 @@ class IndexListener(Protocol):
     def evicted(self, blocks: Sequence[int]) -> None:
         """`blocks` left the index (their last index entry is gone)."""
 
+    def checkpointed(self, salt: str | None, token_ids: Sequence[int], slot: int) -> None:
+        """Hybrid models: state slot `slot`, the recurrent state after all of `token_ids`, was
+        just filed in the index as the checkpoint at len(token_ids)."""
+
 
 class CacheManager:
     """Block pool + prefix index + per-block holder counts, kept consistent.
@@ -249,7 +253,7 @@ class CacheManager:
         self._share(inserted.adopted)
         self._notify(seq, token_ids, num_tokens, inserted)
         if checkpoint is not None:
-            self._file_checkpoint(inserted.node, num_tokens, checkpoint)
+            self._file_checkpoint(seq.salt, inserted.node, token_ids[:num_tokens], checkpoint)
         if num_tokens <= seq.num_committed:
             return
         if inserted.node is not None:
@@ -299,7 +303,7 @@ class CacheManager:
         self.restored(seq)
         if seq.state_slot is not None:
             if token_ids and not unrestored:   # the working state is the state after exactly these tokens
-                self._file_checkpoint(inserted.node, len(token_ids), seq.state_slot)
+                self._file_checkpoint(seq.salt, inserted.node, token_ids, seq.state_slot)
             else:
                 self.states.free(seq.state_slot)
         self._drop_table(seq.block_table)
@@ -329,9 +333,13 @@ class CacheManager:
                     if seq.block_table[i] is None), None)
         return num_tokens if gap is None else max(min(num_tokens, gap * self.block_size), seq.num_committed)
 
-    def _file_checkpoint(self, node: Node | None, position: int, slot: int) -> None:
-        if node is None or not self.index.add_checkpoint(node, position, slot):
+    def _file_checkpoint(self, salt: str | None, node: Node | None, token_ids: Sequence[int], slot: int) -> None:
+        """Files `slot` (the state after `token_ids`) at len(token_ids), or frees it if that
+        position has a checkpoint already; the listener hears of a filed one."""
+        if node is None or not self.index.add_checkpoint(node, len(token_ids), slot):
             self.states.free(slot)
+        elif self.listener is not None:
+            self.listener.checkpointed(salt, token_ids, slot)
 
     def evict(self, num_blocks: int) -> int:
         """Evict LRU unlocked cache entries until `num_blocks` more blocks are free or nothing

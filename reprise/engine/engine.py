@@ -20,7 +20,7 @@ from reprise.engine.speculative import SPECULATIVE_METHODS, NgramDrafter
 from reprise.engine.tier_link import TierLink
 from reprise.engine.tiers import build_observers, build_tiers, fingerprint, kv_layout_string, replica_id, wants_keys
 from reprise.loader import load_model
-from reprise.models import build_model
+from reprise.models import build_model, state_specs
 from reprise.models.layers.quant import weights_bytes
 
 log = logging.getLogger("reprise")
@@ -129,7 +129,7 @@ class Engine:
         self.runner = ModelRunner(model, self.model_config, self.num_blocks, self.block_size, self.max_model_len,
                                   self.device, self.dtype, sampler, num_state_slots)
         if self.tiers is not None:
-            self.tiers.kv = self.runner.kv
+            self.tiers.kv, self.tiers.states = self.runner.kv, self.runner.states
         self.kv_pool_bytes = self.runner.kv.nbytes + sum(states.nbytes for states in self.runner.states)
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -139,15 +139,11 @@ class Engine:
         """The tiers and KV-event observers (build_tiers, build_observers), when any is configured
         and the prefix cache is on; the model's fingerprint is computed only then."""
         config = self.config
-        if config.disk_cache_dir is not None and layout.has_recurrent:
-            raise ValueError(f"--disk-cache-dir: {self.model_path} has recurrent layers, whose state checkpoints "
-                             "the disk tier does not store yet; serve it without --disk-cache-dir")
-        if config.kv_store is not None and layout.has_recurrent:
-            raise ValueError(f"--kv-store: {self.model_path} has recurrent layers, whose state checkpoints the "
-                             "shared tier does not store yet; serve it without --kv-store")
         if not config.prefix_cache or not wants_keys(config):
             return None
-        layout_text = kv_layout_string(layout, self.model_config.num_key_value_heads, self.model_config.head_dim)
+        states = [(spec.shape, spec.dtype or self.dtype) for spec in state_specs(self.model_config)]
+        layout_text = kv_layout_string(layout, self.model_config.num_key_value_heads, self.model_config.head_dim,
+                                       states)
         digest = fingerprint(model, self.dtype, self.block_size, layout_text)
         return TierLink(build_tiers(config, digest), build_observers(config, digest, self.block_size), None, digest,
                         self.block_size)

@@ -24,6 +24,19 @@ blocks of 16 tokens, 2 CPU cores): a disk-hot 8,000-token prompt loaded its 500 
 0.7 ms a block (read, checksum, copy into the pool, two reader threads), while a cold prefill
 cost 35 ms a block at 2,000 tokens and 65 ms at 8,000 (attention grows with the context). Loading
 is 50x cheaper than recomputing at any depth, so one block is already worth it.
+
+Hybrid models (recurrent layers) also store their state checkpoints: when a checkpoint is filed in
+the index at a whole number of blocks (position p = k * block_size; every `checkpoint_interval`
+stop is one), its slot (each recurrent layer's state tensors, in the runner's order, as raw bytes)
+is written under `state_key(key[k-1])`. A checkpoint elsewhere (a prompt's or a turn's end) is not
+stored: the tier holds whole blocks only, so the KV of the partial block before it would be missing.
+A tier hit is then usable only up to the last position p where the tier holds every block before p
+AND the state at p (the longest SAFE prefix): `begin` looks for it from the end of the held blocks
+down. The loader reads the blocks, then the state at p; if that state is missing or corrupt it
+tries the next stored checkpoint below, down to the memory match (then nothing is used). `_finish`
+copies the state into the sequence's working slot (taken at `begin` by `acquire`: no slot, no load)
+and releases it with the tokens up to p, which files that slot as the checkpoint at p; the
+request then matches blocks + checkpoint from memory like any hybrid hit.
 """
 from __future__ import annotations
 
@@ -41,7 +54,7 @@ import torch
 
 from reprise.cache.manager import CacheManager, Match, MissReason, SeqCache
 from reprise.cache.tiers import Tier
-from reprise.cache.tiers.keys import block_keys, namespace
+from reprise.cache.tiers.keys import block_keys, namespace, state_key
 from reprise.engine.request import Request, RequestStatus
 
 MIN_LOAD_BLOCKS = 1
@@ -58,6 +71,7 @@ class Load:
     first: int                   # first block loaded
     memory_tokens: int           # the memory match when the load began
     payload: torch.Tensor | None = None     # [blocks, layers, 2, block_size, kv_heads, head_dim]
+    state: tuple[int, bytearray] | None = None  # hybrid models: (k, the state after blocks [0, k)), k > first
     cancelled: bool = False
 
 
@@ -76,6 +90,7 @@ class TierLink:
         self.tiers, self.observers, self.cache = tiers, observers, cache
         self.fingerprint, self.block_size, self.min_load_blocks = fingerprint, block_size, min_load_blocks
         self.kv: torch.Tensor | None = None          # the runner's pool, set once it exists
+        self.states: list[torch.Tensor] = []         # hybrid models: the runner's state tensors, likewise
         self.counts = TierCounts()
         self._roots: dict[str | None, bytes] = {}
         self._block_keys: dict[int, bytes] = {}     # block id -> key, for blocks the index holds
@@ -125,6 +140,24 @@ class TierLink:
             if held[tier.name] < first + len(entries):
                 tier.store(entries[held[tier.name] - first:])
 
+    def checkpointed(self, salt, token_ids, slot) -> None:
+        """Write-through of a checkpoint filed at a whole number of blocks (see the module docstring)."""
+        num_blocks, rest = divmod(len(token_ids), self.block_size)
+        if rest or not num_blocks or not self.states:
+            return
+        key = state_key(self.keys(salt, token_ids, num_blocks)[-1])
+        missing = [tier for tier in self.tiers if not tier.contains([key])]
+        if missing:
+            payload = torch.cat([states[:, slot].reshape(-1).view(torch.uint8) for states in self.states])
+            entry = [(key, memoryview(payload.cpu().numpy()))]
+            for tier in missing:
+                tier.store(entry)
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of one state slot across the recurrent layers (0 without any)."""
+        return sum(states[:, 0].numel() * states.element_size() for states in self.states)
+
     def evicted(self, blocks) -> None:
         keys = [self._block_keys.pop(block) for block in blocks if block in self._block_keys]
         for observer in self.observers:
@@ -151,7 +184,8 @@ class TierLink:
         if num_full - first < self.min_load_blocks:
             return False
         keys = self.keys(request.salt, prompt, num_full)
-        tier, held = max(((tier, tier.contains(keys)) for tier in self.tiers), key=lambda pair: pair[1])
+        tier, held = max(((tier, self._usable_blocks(tier, keys, first, len(prompt))) for tier in self.tiers),
+                         key=lambda pair: pair[1])
         if held - first < self.min_load_blocks:
             return False
         acquired = self.cache.acquire(match, request.salt)
@@ -166,6 +200,16 @@ class TierLink:
         self._loads[request.request_id] = load
         self._jobs.put(load)
         return True
+
+    def _usable_blocks(self, tier: Tier, keys: list[bytes], first: int, num_prompt: int) -> int:
+        """How many leading blocks of the prompt a load from `tier` could use: those it holds, or for
+        a hybrid model the most k > first such that it holds blocks [0, k) and the state after them,
+        with k * block_size before the prompt's last token (else 0). One `contains` per block
+        boundary tried, from the end of the held blocks down."""
+        if not self.states:
+            return tier.contains(keys)
+        last = min(tier.contains(keys), (num_prompt - 1) // self.block_size)
+        return next((k for k in range(last, first, -1) if tier.contains([state_key(keys[k - 1])])), 0)
 
     def cancel(self, request: Request) -> None:
         """The request ended while loading: give its blocks back (the loader's result is dropped)."""
@@ -202,14 +246,28 @@ class TierLink:
         request, size = load.request, self.block_size
         del self._loads[request.request_id]
         num_loaded = 0 if load.payload is None else load.payload.shape[0]
+        if self.states:       # hybrid: blocks are usable only up to the loaded state, none without one
+            num_loaded = 0 if load.state is None else load.state[0] - load.first
         if num_loaded:
             ids = torch.tensor(load.seq.block_table[load.first:load.first + num_loaded], device=self.kv.device)
-            self.kv[:, :, ids] = load.payload.permute(1, 2, 0, 3, 4, 5).to(self.kv.device)
+            self.kv[:, :, ids] = load.payload[:num_loaded].permute(1, 2, 0, 3, 4, 5).to(self.kv.device)
+        if num_loaded and self.states:
+            self._restore_state(load.seq, load.state[1])
         end = max(load.memory_tokens, (load.first + num_loaded) * size)
         self.cache.release(load.seq, request.prompt_ids[:end])
         request.tier_load = (load.tier.name, load.memory_tokens, end)
         request.cache, request.status = None, RequestStatus.WAITING
         return request
+
+    def _restore_state(self, seq: SeqCache, data: bytearray) -> None:
+        """Copies a loaded state into `seq`'s working slot, which `release` then files as the
+        checkpoint at the end of the loaded tokens (the memory checkpoint it held is let go first)."""
+        self.cache.restored(seq)
+        offset = 0
+        for states in self.states:
+            part = torch.frombuffer(data, dtype=states.dtype, count=states[:, 0].numel(), offset=offset)
+            states[:, seq.state_slot] = part.view(states[:, 0].shape).to(states.device)
+            offset += part.nbytes
 
     def _load_loop(self) -> None:
         while True:
@@ -218,9 +276,24 @@ class TierLink:
                 return
             try:
                 load.payload = self._read(load)
+                if self.states and load.payload is not None:
+                    load.state = self._read_state(load, load.payload.shape[0])
             except Exception:                 # noqa: BLE001 - a failed read is a miss: recompute
-                load.payload = None
+                load.payload, load.state = None, None
             self._done.put(load)
+
+    def _read_state(self, load: Load, num_loaded: int) -> tuple[int, bytearray] | None:
+        """Hybrid models: (k, payload) of the deepest sound state the tier holds after blocks [0, k),
+        first < k <= first + num_loaded; None if there is none (a missing or corrupt one is skipped)."""
+        for k in range(load.first + num_loaded, load.first, -1):
+            key = state_key(load.keys[k - load.first - 1])
+            if load.cancelled:
+                return None
+            if load.tier.contains([key]):
+                data = load.tier.load([key])[0]
+                if data is not None and len(data) == self.state_bytes:
+                    return k, bytearray(data)
+        return None
 
     def _read(self, load: Load) -> torch.Tensor | None:
         """The leading run of `load.keys` whose entries are present and sound, as one tensor. Reads

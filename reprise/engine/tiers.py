@@ -81,11 +81,17 @@ def _without_password(url: str) -> str:
     return url if "@" not in url else url.split("://", 1)[0] + "://***@" + url.rsplit("@", 1)[1]
 
 
-def kv_layout_string(layout: CacheLayout, num_kv_heads: int, head_dim: int) -> str:
-    """What a block's bytes mean: "<attention layers>x2x<kv heads>x<head dim> <kinds>[ window N]"."""
+def kv_layout_string(layout: CacheLayout, num_kv_heads: int, head_dim: int,
+                     states: Sequence[tuple[tuple[int, ...], torch.dtype]] = ()) -> str:
+    """What a block's and a state checkpoint's bytes mean: "<attention layers>x2x<kv heads>x<head dim>
+    <kinds>[ window N][ states <shape>:<dtype>,...]", `states` being the shape and dtype of each state
+    tensor of one recurrent layer, in the runner's order (hybrid models; a checkpoint holds them for
+    every recurrent layer, in layer order)."""
     kinds = ",".join(kind.value for kind in layout.layer_kinds)
     window = f" window {layout.sliding_window}" if layout.sliding_window is not None else ""
-    return f"{layout.num_attention_layers}x2x{num_kv_heads}x{head_dim} {kinds}{window}"
+    state = ",".join(f"{'x'.join(map(str, shape))}:{str(dtype).removeprefix('torch.')}" for shape, dtype in states)
+    state = f" states {state}" if state else ""
+    return f"{layout.num_attention_layers}x2x{num_kv_heads}x{head_dim} {kinds}{window}{state}"
 
 
 def fingerprint(model: torch.nn.Module, dtype: torch.dtype, block_size: int, layout: str) -> str:

@@ -112,3 +112,32 @@ def test_sliding_window_blocks_leave_a_running_sequence():
     cache.release(seq, list(range(1, 20)))                       # block 2 is gone: index stops at 8
     assert cache.match(list(range(1, 21)), salt=None).cached_tokens == 8
     check_invariants(cache)
+
+
+class Checkpoints:
+    """An IndexListener that records the checkpoints filed (the tiers' write-through hook)."""
+
+    def __init__(self):
+        self.filed: list[tuple[str | None, int, int]] = []
+
+    def inserted(self, salt, token_ids, block_table, first, end, adopted):
+        pass
+
+    def evicted(self, blocks):
+        pass
+
+    def checkpointed(self, salt, token_ids, slot):
+        self.filed.append((salt, len(token_ids), slot))
+
+
+def test_the_listener_hears_each_checkpoint_filed_and_not_one_that_lost_to_an_earlier():
+    listener = Checkpoints()
+    cache = CacheManager(16, BLOCK_SIZE, layout=HYBRID, num_state_slots=4, listener=listener)
+    run_with_checkpoint_at_8(cache, num_computed=10)              # the snapshot at 8, the working slot at 10
+    assert listener.filed == [(None, 8, 1), (None, 10, 0)]
+    seq = start(cache, PROMPT)                                    # matches 10, restores slot 0
+    cache.commit(seq, PROMPT[:10], checkpoint=cache.allocate_checkpoint())   # 10 is taken: freed, unheard
+    cache.restored(seq)
+    cache.release(seq, PROMPT[:11])                               # files the working slot at 11
+    assert listener.filed == [(None, 8, 1), (None, 10, 0), (None, 11, 2)]      # working slot 2
+    check_invariants(cache)

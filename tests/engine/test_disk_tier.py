@@ -8,8 +8,6 @@ from reprise import LLM, SamplingParams
 from reprise.cache.tiers.keys import block_keys, namespace
 from reprise.engine.request import RequestStatus
 from tests.conftest import prompt_ids
-from tests.engine.test_hybrid_cache import build
-from tests.models.test_hybrid_logits import CASES
 
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 BLOCK = 16
@@ -92,8 +90,3 @@ def test_another_salt_gets_nothing_from_disk(tiered):
     same = llm.generate([prompt], GREEDY, salt="a")[0]
     assert same.cached_tokens_by_tier == {"memory": 0, "disk": 159}
 
-
-def test_a_hybrid_model_is_refused_with_a_disk_tier(tmp_path_factory, tmp_path):
-    path = build(tmp_path_factory, next(iter(CASES)))
-    with pytest.raises(ValueError, match="recurrent layers"):
-        LLM(path, dtype="float32", kv_cache_bytes="8MiB", disk_cache_dir=tmp_path / "disk")

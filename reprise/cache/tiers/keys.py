@@ -4,11 +4,14 @@ under a namespace of (tenant salt, model fingerprint).
     namespace = H("reprise-ns" | fingerprint | salt tag)
     key[0]    = H(namespace | tokens of block 0)
     key[i]    = H(key[i-1]  | tokens of block i)
+    state key = H(key[i]    | "|state")            hybrid models: the recurrent state after block i
 
 So a key names a whole prefix (every token before the block's end), two tenants never share a key
 (the salt is in the namespace, and "no salt" is its own namespace, distinct from an empty salt), and a
 different model file, quantization, compute dtype, block size or KV layout never reads another's
 blocks, whatever its name: the fingerprint is a digest of the weights as loaded and of those settings.
+A state key hangs off the key of the block it follows, so it is in the same namespace and names the
+same prefix (every token before the checkpoint position), and it never equals a block key.
 """
 from __future__ import annotations
 
@@ -59,3 +62,9 @@ def block_keys(root: bytes, token_ids: Sequence[int], block_size: int, start: in
         previous = _digest(previous, ids[i * block_size:(i + 1) * block_size].tobytes())
         keys.append(previous)
     return keys
+
+
+def state_key(block_key: bytes) -> bytes:
+    """The key of the recurrent-state checkpoint at the end of the block whose key is `block_key`
+    (a checkpoint at position p = (i + 1) * block_size hangs off key[i])."""
+    return _digest(block_key, b"|state")
