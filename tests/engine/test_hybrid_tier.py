@@ -14,6 +14,7 @@ import torch
 from reprise import LLM
 from reprise.cache.layout import CacheLayout, LayerKind
 from reprise.cache.tiers.keys import block_keys, namespace, state_key
+from reprise.engine.request import RequestStatus
 from reprise.engine.tiers import kv_layout_string
 from tests.engine.test_hybrid_cache import GREEDY, INTERVAL, build, ids
 
@@ -90,6 +91,25 @@ def test_a_load_continues_a_memory_match_from_its_checkpoint(model, tmp_path):
     assert hot.token_ids == cold.generate([prompt], GREEDY)[0].token_ids
     engine.cache.check_invariants()
     assert engine.cache.stats.blocks_used == 0
+    llm.close()
+
+
+def test_an_abort_while_loading_leaks_no_block_and_no_state_slot(model, tmp_path):
+    path, _ = model
+    llm = tiered(path, tmp_path)
+    engine = llm.engine
+    prompt = ids(47, PROMPT)
+    llm.generate([prompt], GREEDY)
+    disk(llm).flush()
+    engine.cache.evict(NUM_BLOCKS)
+    loading = engine.add_request(prompt, GREEDY)
+    engine.step()
+    assert loading.status is RequestStatus.LOADING
+    engine.abort(loading.request_id)
+    while engine.has_work or engine.tiers.num_loading:
+        engine.step()
+    engine.cache.check_invariants()           # recounts state slots too
+    assert engine.cache.stats.blocks_used == 0 and engine.cache.states.num_free == engine.cache.states.num_slots
     llm.close()
 
 
