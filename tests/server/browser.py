@@ -12,6 +12,7 @@ import fcntl
 import itertools
 import json
 import os
+import signal
 import shutil
 import subprocess
 import tempfile
@@ -25,7 +26,8 @@ class Browser:
     """One headless Chromium with one page; `with Browser() as browser: browser.open(url, ...)`."""
 
     def __init__(self, width: int = 1280, height: int = 900):
-        self._profile = tempfile.TemporaryDirectory()
+        # its helper processes may still write the profile as they die: a leftover file is no failure
+        self._profile = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)
         to_browser_read, self._to_browser = _high_pipe()
         self._from_browser, from_browser_write = _high_pipe()
         flags = ["--headless", "--disable-gpu", "--no-sandbox", "--remote-debugging-pipe",
@@ -33,7 +35,8 @@ class Browser:
         # the browser reads commands on fd 3 and writes replies on fd 4
         script = f'exec "$0" "$@" 3<&{to_browser_read} 4>&{from_browser_write}'
         self._process = subprocess.Popen(["bash", "-c", script, CHROMIUM, *flags], pass_fds=(to_browser_read,
-                                         from_browser_write), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                         from_browser_write), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True)
         os.close(to_browser_read)
         os.close(from_browser_write)
         self._ids = itertools.count(1)
@@ -48,7 +51,7 @@ class Browser:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._process.kill()
+        os.killpg(self._process.pid, signal.SIGKILL)      # Chromium and every helper process it started
         self._process.wait()
         os.close(self._to_browser)
         os.close(self._from_browser)
