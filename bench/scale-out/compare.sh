@@ -12,7 +12,9 @@ REDIS_PORT=6391
 STORE=redis://127.0.0.1:$REDIS_PORT/0
 ROUTER=8190
 REPLICAS=(8191 8192 8193)
-BENCH_FLAGS=(--scenario multiturn,prefix-repetition --request-timeout 900 --conversations 6 --turns 4
+# 4 conversations over 3 replicas: round-robin moves each conversation to another replica every turn
+# (with a multiple of 3 it would keep each on one replica by accident)
+BENCH_FLAGS=(--scenario multiturn,prefix-repetition --request-timeout 900 --conversations 4 --turns 4
              --num-prompts 12 --concurrency 3)
 PIDS=()
 

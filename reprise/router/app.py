@@ -118,6 +118,7 @@ def add_route_flags(parser: argparse.ArgumentParser) -> None:
 
 def route(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)     # not a line per health check
     table = ReplicaTable(args.replica, args.health_interval)
     index = KvIndex()
     subscriber = KvEventSubscriber(args.kv_store, index).start() if args.kv_store else None
