@@ -101,8 +101,18 @@ class TierLink:
 
     # ---- IndexListener: write-through and KV events ---------------------------------------
 
+    def _keys_on(self, salt: str | None, token_ids: Sequence[int], block_table, first: int, end: int) -> list[bytes]:
+        """Keys of blocks [0, end), of which only [first, end) are computed here: chained on from
+        block first - 1's key where the index holds that block (every chunk after a sequence's first
+        commit), so a long prefill hashes each block once, not its whole prefix at every chunk."""
+        parent = self._block_keys.get(block_table[first - 1]) if first else None
+        if parent is None:
+            return self.keys(salt, token_ids, end)
+        tail = block_keys(self.root(salt), token_ids[:end * self.block_size], self.block_size, first, parent)
+        return [b""] * first + tail
+
     def inserted(self, salt, token_ids, block_table, first, end, adopted) -> None:
-        keys = self.keys(salt, token_ids, end)
+        keys = self._keys_on(salt, token_ids, block_table, first, end)
         adopted = set(adopted)
         new = [(i, block_table[i]) for i in range(first, end) if block_table[i] in adopted]
         for i, block in new:
