@@ -76,13 +76,18 @@ def test_a_prompt_evicted_from_the_pool_loads_from_disk_up_to_its_last_stored_ch
     llm.close()
 
 
-def test_a_load_continues_a_memory_match_from_its_checkpoint(model, tmp_path):
-    path, cold = model
+def computed(path, tmp_path, seed: int):
+    """A tiered LLM that has computed (and written to disk) the prompt of `seed`."""
     llm = tiered(path, tmp_path)
-    engine = llm.engine
-    prompt = ids(45, PROMPT)
+    prompt = ids(seed, PROMPT)
     llm.generate([prompt], GREEDY)
     disk(llm).flush()
+    return llm, llm.engine, prompt
+
+
+def test_a_load_continues_a_memory_match_from_its_checkpoint(model, tmp_path):
+    path, cold = model
+    llm, engine, prompt = computed(path, tmp_path, 45)
     while engine.lookup(prompt, None).cached_tokens > 128:       # LRU leaves first: the prompt's tail
         engine.cache.evict(1)
     assert engine.lookup(prompt, None).cached_tokens == 128
@@ -96,11 +101,7 @@ def test_a_load_continues_a_memory_match_from_its_checkpoint(model, tmp_path):
 
 def test_an_abort_while_loading_leaks_no_block_and_no_state_slot(model, tmp_path):
     path, _ = model
-    llm = tiered(path, tmp_path)
-    engine = llm.engine
-    prompt = ids(47, PROMPT)
-    llm.generate([prompt], GREEDY)
-    disk(llm).flush()
+    llm, engine, prompt = computed(path, tmp_path, 47)
     engine.cache.evict(NUM_BLOCKS)
     loading = engine.add_request(prompt, GREEDY)
     engine.step()
