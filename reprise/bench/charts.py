@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from reprise.bench.scenarios import SCENARIOS
 
-_BAR_CASES = {"repeat": ("cold", "hot"), "nearest": ("cold", "nearest"), "prefix-repetition": ("cold", "warm")}
+_BAR_CASES = {"repeat": ("cold", "hot"), "nearest": ("cold", "nearest"), "prefix-repetition": ("cold", "warm"),
+              "long": ("at once",)}
 _LINES = {"multiturn": ("turn", "ttft_p50_s", "turn", "TTFT p50 (s)"),
           "decode": ("concurrency", "output_tokens_per_s", "concurrent streams", "output tokens/s")}
 

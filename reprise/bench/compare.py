@@ -14,6 +14,7 @@ HEADLINES = {
     "nearest": ("ttft_p50_s", "speedup", "hit_rate"),
     "prefix-repetition": ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "output_tokens_per_s", "hit_rate", "speedup"),
     "multiturn": ("ttft_p50_s", "hit_rate"),
+    "long": ("ttft_p50_s", "ttft_p99_s"),
     "decode": ("output_tokens_per_s", "tpot_p50_s"),
 }
 _SCENARIO_METRICS = ("hit_rate", "metrics_hit_rate")

@@ -8,6 +8,8 @@ records and wall time, and `summarize`'s numbers (see stats.py).
                       + a fresh suffix, shuffled, sent at `concurrency`; a cold pass, then a warm one
   multiturn           conversations x turns, round-robin; each turn resends the whole history
                       (shared system prompt, user messages, the replies exactly as returned)
+  long                `long_prompts` distinct cold prompts of `long_len` tokens, all sent at once
+                      (cold, long prefill under load: the TTFT of each)
   decode              `c` concurrent short prompts for each c in `concurrencies`, decode_len tokens each;
                       output tokens/s = all tokens generated / the level's wall time (prefill included)
 """
@@ -132,6 +134,12 @@ async def multiturn(run: Run, options: argparse.Namespace) -> list[dict]:
     return cases
 
 
+async def long(run: Run, options: argparse.Namespace) -> list[dict]:
+    run.begin("long", options.long_prompts)
+    prompts = [run.prompt(options.long_len) for _ in range(options.long_prompts)]
+    return [await run.concurrent("at once", prompts, options.output_len, options.long_prompts)]
+
+
 async def decode(run: Run, options: argparse.Namespace) -> list[dict]:
     run.begin("decode", sum(options.concurrencies))
     cases = []
@@ -142,4 +150,4 @@ async def decode(run: Run, options: argparse.Namespace) -> list[dict]:
 
 
 SCENARIOS = {"repeat": repeat, "nearest": nearest, "prefix-repetition": prefix_repetition,
-             "multiturn": multiturn, "decode": decode}
+             "multiturn": multiturn, "long": long, "decode": decode}

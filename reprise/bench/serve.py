@@ -48,6 +48,8 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     add("--turns", type=int, default=4, help="multiturn: turns per conversation")
     add("--system-len", type=int, default=200, help="multiturn: system prompt tokens (shared)")
     add("--turn-len", type=int, default=200, help="multiturn: tokens per user message")
+    add("--long-len", type=int, default=3000, help="long: prompt tokens")
+    add("--long-prompts", type=int, default=4, help="long: prompts sent at once")
     add("--concurrencies", type=int_list, default="1,2,4,8", help="decode: concurrent streams to sweep")
     add("--decode-len", type=int, default=64, help="decode: tokens generated per stream")
 

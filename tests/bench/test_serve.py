@@ -29,7 +29,8 @@ API_KEY = "bench-key-51c2"
 START_TIMEOUT_S = 120
 SIZES = {"--prompt-len": 160, "--output-len": 4, "--repeats": 2, "--prefix-len": 96, "--suffix-len": 32,
          "--num-prefixes": 2, "--num-prompts": 4, "--concurrency": 2, "--conversations": 2, "--turns": 3,
-         "--system-len": 40, "--turn-len": 48, "--concurrencies": "1,2", "--decode-len": 4}
+         "--system-len": 40, "--turn-len": 48, "--long-len": 120, "--long-prompts": 2, "--concurrencies": "1,2",
+         "--decode-len": 4}
 PERCENTILE_KEYS = [[f"{metric}_p{q}_s" for q in (50, 90, 99)] for metric in ("ttft", "tpot", "e2e")]
 
 
@@ -96,13 +97,14 @@ def test_json_has_the_environment_the_server_and_every_scenario(run):
     assert result["label"] == "reprise" and result["model"] == result["server"]["data"][0]["id"]
     assert {"reprise", "python", "torch", "cpu", "cpus", "options"} <= set(result["environment"])
     assert result["environment"]["options"]["prompt_len"] == 160 and "api_key" not in result["environment"]["options"]
-    assert list(result["scenarios"]) == ["repeat", "nearest", "prefix-repetition", "multiturn", "decode"]
+    assert list(result["scenarios"]) == ["repeat", "nearest", "prefix-repetition", "multiturn", "long",
+                                          "decode"]
 
 
 def test_counts_add_up_and_percentiles_are_ordered(run):
     result, _, _ = run
     planned = {"repeat": 1 + 2, "nearest": 1 + 2 * 2, "prefix-repetition": 2 * 4, "multiturn": 2 * 3,
-               "decode": 1 + 2}
+               "long": 2, "decode": 1 + 2}
     for name, scenario in result["scenarios"].items():
         assert scenario["requests"] == planned[name] == len(records(result, name))
         assert scenario["failed"] == 0 and scenario["warnings"] == [] and scenario["token_sources"] == ["usage"]
