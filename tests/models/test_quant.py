@@ -11,7 +11,7 @@ from reprise import LLM, SamplingParams
 from reprise.config import EngineConfig
 from reprise.engine.engine import Engine, resolve_weights
 from reprise.models.layers.quant import (DENSE_FROM_ROWS, GROUP, NATIVE_TYPES, GGMLTensor, QuantizedEmbedding,
-                                         QuantizedLinear, SharedEmbedding, pack)
+                                         QuantizedLinear, SharedEmbedding, StackedLinear, pack)
 from reprise.models.layers.quant.formats import collapse
 from tests.loader.loader_testing import FFN, HEADS, HIDDEN, KV_HEADS, encode_as, tiny_qwen2_tensors, write_gguf
 from tests.models.helpers import engine_logits
@@ -190,14 +190,55 @@ def test_weights_choice_resolves_per_format_device_and_dtype():
         resolve_weights("int4", None, torch.bfloat16, True, cpu)
 
 
-def test_fused_parts_of_different_types_are_dequantized_together(tmp_path):
-    """Q4_K_M files store attn_v as Q6_K next to Q4_K q/k: that fused qkv is dense, the rest stays packed."""
-    rng = np.random.default_rng(0)
-    tensors = tiny_qwen2_tensors(Q.Q4_K, rng)
-    tensors["blk.0.attn_v.weight"] = (encode_as(rng.standard_normal((KV_HEADS * 64, HIDDEN)).astype(np.float32),
-                                                Q.Q6_K, rng), Q.Q6_K)
-    path = write_gguf(str(tmp_path / "mixed.gguf"), "qwen2", tensors, num_layers=1, hidden=HIDDEN, heads=HEADS,
-                      kv_heads=KV_HEADS, ffn=FFN)
+def mixed_gguf(tmp_path, base: Q, overrides: dict[str, Q]) -> str:
+    """The tiny qwen2 in `base`, with the named 2-D weights stored as another type (a K-quant mix)."""
+    path = tmp_path / f"{base.name}-{'-'.join(overrides)}.gguf"
+    if not path.exists():
+        rng = np.random.default_rng(0)
+        tensors = tiny_qwen2_tensors(base, rng)
+        for part, qtype in overrides.items():          # every weight has HIDDEN (= FFN) inputs
+            rows = len(tensors[f"blk.0.{part}.weight"][0])
+            values = rng.standard_normal((rows, HIDDEN)).astype(np.float32)
+            tensors[f"blk.0.{part}.weight"] = (encode_as(values, qtype, rng), qtype)
+        write_gguf(str(path), "qwen2", tensors, num_layers=1, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, ffn=FFN)
+    return str(path)
+
+
+# Q4_K_M as llama.cpp writes it: Q4_K, attn_v and some ffn_down Q6_K; a Q5_K gate next to a Q6_K up fuses mixed
+MIXES = {"Q4_K_M": (Q.Q4_K, {"attn_v": Q.Q6_K, "ffn_down": Q.Q6_K}), "Q5_K_up": (Q.Q5_K, {"ffn_up": Q.Q6_K})}
+
+
+@pytest.mark.parametrize("mix", MIXES)
+def test_fused_parts_of_different_types_stay_native(mix, tmp_path):
+    """Each run of parts of one type is its own QuantizedLinear; logits as close to the float32 reference as
+    the single-type files' (native's mean error at most twice dequantized bf16's)."""
+    path = mixed_gguf(tmp_path, *MIXES[mix])
+    ids = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    logits = {weights: engine_logits(Engine(EngineConfig(model=path, weights=weights, kv_cache_bytes=2**20,
+                                                         dtype="float32" if weights == "float32" else "bfloat16")),
+                                     ids, 32).float() for weights in ("float32", "native", "bfloat16")}
+    errors = {weights: (logits[weights] - logits["float32"]).abs().mean() for weights in ("native", "bfloat16")}
+    assert errors["native"] <= 2 * errors["bfloat16"]
     layer = Engine(EngineConfig(model=path, weights="native", kv_cache_bytes=2**20)).runner.model.layers[0]
-    assert type(layer.self_attn.qkv_proj) is torch.nn.Linear
-    assert type(layer.self_attn.o_proj) is QuantizedLinear and type(layer.mlp.gate_up_proj) is QuantizedLinear
+    fused = layer.mlp.gate_up_proj if mix == "Q5_K_up" else layer.self_attn.qkv_proj
+    assert type(fused) is StackedLinear and [type(p) for p in fused.parts] == [QuantizedLinear, QuantizedLinear]
+
+
+def test_q4_k_m_weights_bytes_are_native(tmp_path):
+    """Held bytes, counted by hand: 5 bits a Q4_K weight (q, k, o, gate, up), 10 a Q6_K one (v, down), the
+    262-row embedding's own blocks (262 rows do not pack), the 262-row head dense bf16, norms and biases bf16."""
+    path = mixed_gguf(tmp_path, *MIXES["Q4_K_M"])
+    engine = Engine(EngineConfig(model=path, weights="native", kv_cache_bytes=2**20))
+    q4_k_rows, q6_k_rows = HIDDEN + KV_HEADS * 64 + HIDDEN + 2 * FFN, KV_HEADS * 64 + HIDDEN
+    packed = q4_k_rows * HIDDEN * 5 // 8 + q6_k_rows * HIDDEN * 10 // 8
+    embedding, head = 262 * 144, 262 * HIDDEN * 2
+    vectors = 2 * (3 * HIDDEN + HIDDEN + 2 * KV_HEADS * 64)
+    assert engine.weights_bytes == packed + embedding + head + vectors == 481632
+
+
+def test_fused_part_without_a_kernel_form_is_held_dense_beside_the_packed_ones(tmp_path):
+    path = mixed_gguf(tmp_path, Q.Q4_K, {"attn_v": Q.TQ1_0})
+    model = Engine(EngineConfig(model=path, weights="native", kv_cache_bytes=2**20)).runner.model
+    qkv = model.layers[0].self_attn.qkv_proj
+    assert [type(p) for p in qkv.parts] == [QuantizedLinear, torch.nn.Linear]
+    assert qkv.parts[1].weight.dtype == torch.bfloat16 and qkv.out_features == HIDDEN + 2 * KV_HEADS * 64

@@ -3,19 +3,21 @@
 A weight may come as a float tensor or, for GGUF files loaded with native weights, as a GGMLTensor:
 the linear layer (or embedding) it belongs to is then replaced by its quantized form. A tied
 `lm_head` gets a QuantizedLinear over the embedding's blocks, since a lookup table cannot serve
-as a matmul operand.
+as a matmul operand. A fused projection whose parts differ in type (a Q4_K_M file's Q6_K v next to
+Q4_K q and k) becomes a StackedLinear, one layer per run of parts of one type.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import groupby
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reprise.models.layers.quant import (GGMLTensor, QuantizedEmbedding, QuantizedLinear, SharedEmbedding, can_pack,
-                                         rows_readable)
+from reprise.models.layers.quant import (GGMLTensor, QuantizedEmbedding, QuantizedLinear, SharedEmbedding,
+                                         StackedLinear, can_pack, rows_readable)
 
 # fused parameter -> the HF parameters it concatenates, in order (along the output dimension)
 FUSED = {
@@ -25,6 +27,7 @@ FUSED = {
 }
 _PART_OF = {part: fused for fused, parts in FUSED.items() for part in parts}
 Weight = torch.Tensor | GGMLTensor
+Runs = tuple[Weight, ...]               # a fused weight's parts, adjacent parts of one type stacked
 
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, Weight]]) -> None:
@@ -63,9 +66,12 @@ def head_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, model.embed_tokens.weight)
 
 
-def _store(model: nn.Module, params: dict[str, nn.Parameter], name: str, tensor: Weight) -> None:
+def _store(model: nn.Module, params: dict[str, nn.Parameter], name: str, tensor: Weight | Runs) -> None:
     """Copies a float tensor into its parameter; swaps in the quantized module for a GGMLTensor (or
     dequantizes it, for a module or shape with no quantized form)."""
+    if isinstance(tensor, tuple):
+        _store_runs(model, params, name, tensor)
+        return
     path, _, kind = name.rpartition(".")
     module = model.get_submodule(path) if isinstance(tensor, GGMLTensor) and kind == "weight" else None
     tied = getattr(model, "lm_head", False) is None
@@ -79,15 +85,46 @@ def _store(model: nn.Module, params: dict[str, nn.Parameter], name: str, tensor:
         if tied:
             model.lm_head = QuantizedLinear(tensor)
     else:
-        params[name].data.copy_(tensor.dequantize() if isinstance(tensor, GGMLTensor) else tensor)
+        params[name].data.copy_(_dense(tensor))
 
 
-def _concat(parts: list[Weight]) -> Weight:
-    """Parts stacked along the output dimension; quantized parts stay quantized when they share a type."""
-    if all(isinstance(p, GGMLTensor) for p in parts) and len({p.qtype for p in parts}) == 1:
+def _store_runs(model: nn.Module, params: dict[str, nn.Parameter], name: str, runs: Runs) -> None:
+    """A fused weight whose parts differ in type: a StackedLinear of its runs when at least one run has a
+    kernel form (the others are held dense), else the parts dequantized into the fused parameter."""
+    path = name.rpartition(".")[0]
+    module = model.get_submodule(path)
+    if not isinstance(module, nn.Linear) or not any(isinstance(r, GGMLTensor) and can_pack(r) for r in runs):
+        params[name].data.copy_(torch.cat([_dense(run) for run in runs]))
+        return
+    parts = []
+    for run in runs:
+        if isinstance(run, GGMLTensor) and can_pack(run):
+            parts.append(QuantizedLinear(run))
+        else:
+            dense = _dense(run)
+            parts.append(nn.Linear(dense.shape[1], dense.shape[0], bias=False))
+            parts[-1].weight.data = dense
+    _replace(model, path, StackedLinear(parts, module.bias))
+
+
+def _dense(tensor: Weight) -> torch.Tensor:
+    return tensor.dequantize() if isinstance(tensor, GGMLTensor) else tensor
+
+
+def _concat(parts: list[Weight]) -> Weight | Runs:
+    """Parts stacked along the output dimension. Adjacent quantized parts of one type stay one quantized
+    weight (float parts one tensor); parts of different types come as a tuple of such runs."""
+    runs = [list(run) for _, run in groupby(parts, key=lambda p: p.qtype if isinstance(p, GGMLTensor) else None)]
+    stacked = tuple(_stack(run) for run in runs)
+    return stacked[0] if len(stacked) == 1 else stacked
+
+
+def _stack(parts: list[Weight]) -> Weight:
+    """Parts of one type (or all float) as one weight, rows concatenated."""
+    if isinstance(parts[0], GGMLTensor):
         return GGMLTensor(np.concatenate([p.blocks for p in parts]), parts[0].qtype,
                           (sum(p.shape[0] for p in parts), parts[0].shape[1]))
-    return torch.cat([p.dequantize() if isinstance(p, GGMLTensor) else p for p in parts], dim=0)
+    return torch.cat(parts, dim=0)
 
 
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:

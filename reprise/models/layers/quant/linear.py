@@ -3,8 +3,9 @@
 formats.py and sixteen.py repack each type exactly into the kernel's operands. The kernel's float32
 path is 10-70x slower than its bfloat16 one on x86, so activations are rounded to bfloat16 for the
 matmul whatever the compute dtype. A tied embedding table is held once, as the head's operands
-(SharedEmbedding reads rows out of them). Types with no kernel form (IQ*, TQ*, floats) are dequantized
-by the loader to the compute dtype, one tensor at a time.
+(SharedEmbedding reads rows out of them). A fused projection whose parts differ in type is a
+StackedLinear of per-type layers. Types with no kernel form (IQ*, TQ*, floats) are dequantized by the
+loader to the compute dtype, one tensor at a time.
 """
 from __future__ import annotations
 
@@ -111,6 +112,25 @@ class QuantizedLinear(nn.Module):
         values = torch.addcmul((zeros - 8 * scales)[..., None], levels.view(len(levels), groups, GROUP).float(),
                                scales[..., None])
         return collapse(values.view(len(levels), self.num_positions), self.chunk, self.coefs)
+
+
+class StackedLinear(nn.Module):
+    """A fused projection (qkv, gate_up) whose parts a GGUF file stores in different types: llama.cpp's
+    Q4_K_M and Q5_K_M files write attn_v in Q6_K next to Q4_K/Q5_K q and k. Each run of adjacent parts of
+    one type is its own layer (a QuantizedLinear, or an nn.Linear for a type with no kernel form) and
+    their outputs are concatenated: y equals the parts' outputs side by side, and no part is held dense
+    for its neighbour's sake. The fused bias, when there is one, is added once, after the concatenation."""
+
+    def __init__(self, parts: list[nn.Module], bias: nn.Parameter | None = None):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(part.out_features for part in parts)
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.cat([part(x) for part in self.parts], dim=-1)
+        return out if self.bias is None else out + self.bias
 
 
 class SharedEmbedding(nn.Module):
