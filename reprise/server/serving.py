@@ -273,7 +273,7 @@ class Serving:
     async def lookup(self, body: CacheLookupRequest, tenant_salt: str | None = None) -> CacheReport:
         """The cache match a request would get, without running it (POST /v1/cache/lookup)."""
         salt = tenant_cache_salt(tenant_salt, body.cache_salt)
-        prompt_ids = self._prompt_of(body, self.replies, salt)
+        prompt_ids = await asyncio.to_thread(self._prompt_of, body, self.replies, salt)
         match = await asyncio.to_thread(self.async_engine.call, self.engine.lookup, prompt_ids, salt)
         return CacheReport(cached_tokens=match.cached_tokens, prompt_tokens=len(prompt_ids),
                            diverged_at=match.diverged_at, miss_reason=match.miss.value if match.miss else None)
