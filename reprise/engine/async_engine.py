@@ -1,8 +1,9 @@
 """AsyncEngine: the Engine on its own thread, so the event loop never waits on the model.
 
-Commands (add, abort) cross into the engine thread through a queue; outputs come back to each
-request's asyncio.Queue through `loop.call_soon_threadsafe`. `generate` queues a request at once
-and returns its `RequestStream`, so a caller can count, refuse or submit without awaiting.
+Commands (add, abort) cross into the engine thread through a queue; a step's outputs come back in
+one `loop.call_soon_threadsafe` per event loop, whose callback puts each in its request's
+asyncio.Queue. `generate` queues a request at once and returns its `RequestStream`, so a caller can
+count, refuse or submit without awaiting.
 """
 from __future__ import annotations
 
@@ -153,8 +154,7 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 self._fail_all(EngineDead(f"engine step failed: {error}"))
                 continue
-            for output in outputs:
-                self._deliver(output)
+            self._deliver(outputs)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -175,7 +175,7 @@ class AsyncEngine:
             with self._lock:
                 output = self.engine.abort(payload)
             if output is not None:
-                self._deliver(output)
+                self._deliver([output])
 
     def _add(self, prompt_ids, params, salt, request_id, loop, outputs, pins) -> None:
         try:
@@ -189,12 +189,17 @@ class AsyncEngine:
             with self._count_lock:              # after add_request: the request is never uncounted
                 self._num_queued_adds -= 1
 
-    def _deliver(self, output: RequestOutput) -> None:
-        target = self._streams.get(output.request_id)
-        if output.finished:
-            self._streams.pop(output.request_id, None)
-        if target is not None:
-            _post(*target, output)
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hands a step's outputs over in one call per event loop: the loop wakes once a step,
+        however many streams it serves, instead of once per stream."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        streams = self._streams
+        for output in outputs:
+            target = streams.pop(output.request_id, None) if output.finished else streams.get(output.request_id)
+            if target is not None:
+                batches.setdefault(target[0], []).append((target[1], output))
+        for loop, items in batches.items():
+            _post_all(loop, items)
 
     def _fail(self, request_id: str, error: Exception) -> None:
         target = self._streams.pop(request_id, None)
@@ -226,8 +231,18 @@ class AsyncEngine:
 
 
 def _post(loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue, item) -> None:
-    """Hands `item` to a stream's queue on its event loop; a closed loop has no one left to tell."""
+    """Hands `item` to a stream's queue on its event loop."""
+    _post_all(loop, [(outputs, item)])
+
+
+def _post_all(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, object]]) -> None:
+    """Puts each item in its queue, all in one callback on `loop`; a closed loop has no one left to tell."""
     try:
-        loop.call_soon_threadsafe(outputs.put_nowait, item)
+        loop.call_soon_threadsafe(_put_all, items)
     except RuntimeError:
         pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for outputs, item in items:
+        outputs.put_nowait(item)

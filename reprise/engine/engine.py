@@ -319,11 +319,14 @@ class Engine:
             self.runner.sampler.forget(request.request_id)
         metrics = {"arrival": request.arrival, "first_token": request.first_token_time,
                    "finished": time.monotonic() if finished else None, "preemptions": request.num_preemptions}
-        logprobs = request.logprobs[:len(request.output_ids)] if request.logprobs is not None else None
+        scored = request.logprobs
+        delta_logprobs = scored[len(request.output_ids) - len(delta_ids):len(request.output_ids)] \
+            if scored is not None else None
+        logprobs = scored[:len(request.output_ids)] if scored is not None and finished else None
         return RequestOutput(
-            request.request_id, request.prompt_ids, list(request.output_ids), detokenizer.text, delta, delta_ids,
-            request.cached_tokens or 0, request.finish_reason, request.miss, request.diverged_at, metrics,
-            logprobs, request.prompt_logprobs, dict(request.cached_tokens_by_tier))
+            request.request_id, request.prompt_ids, list(request.output_ids) if finished else None, detokenizer.text,
+            delta, delta_ids, request.cached_tokens or 0, request.finish_reason, request.miss, request.diverged_at,
+            metrics, logprobs, request.prompt_logprobs, dict(request.cached_tokens_by_tier), delta_logprobs)
 
     def stats(self) -> EngineStats:
         scheduler = self.scheduler

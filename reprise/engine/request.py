@@ -120,11 +120,13 @@ class FinishReason(str, enum.Enum):
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """What a request produced so far; `finished` marks the last one. Deltas are for streaming."""
+    """What a request produced: the step's delta on every output; the whole output (`token_ids`,
+    `logprobs`) only on the finished one, so a stream costs O(new tokens) per step, not O(length).
+    `text` is the final text so far on every output (a string: shared, never copied)."""
 
     request_id: str
     prompt_token_ids: list[int]
-    token_ids: list[int]
+    token_ids: list[int] | None               # all output ids on the finished output; None before
     text: str
     delta_text: str
     delta_token_ids: list[int]
@@ -133,9 +135,10 @@ class RequestOutput:
     miss: MissReason | None = None            # why the match stopped short of the nearest cached one
     diverged_at: int | None = None            # position where the prompt left the nearest cached one
     metrics: dict = field(default_factory=dict)
-    logprobs: list[TokenLogprob] | None = None          # one per token_ids entry, when asked for
+    logprobs: list[TokenLogprob] | None = None          # one per token_ids entry, when asked for (finished only)
     prompt_logprobs: list[TokenLogprob | None] | None = None   # one per prompt token (the first: None)
     cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)   # "memory", "disk", ...: sums to cached_tokens
+    delta_logprobs: list[TokenLogprob] | None = None    # one per delta_token_ids entry, when asked for
 
     @property
     def finished(self) -> bool:

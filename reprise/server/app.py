@@ -14,6 +14,9 @@ and needs --admin-key where there is more than one key (middleware.BearerAuth); 
 error has OpenAI's shape (errors.py). A request is admitted (or refused with 429) before its
 response starts, so a streaming client sees the status too. A streaming client that disconnects
 cancels its stream, which aborts the requests; a non-streaming one is watched for the same.
+Template rendering and tokenization run in worker threads (`asyncio.to_thread`), never on the
+event loop: a long prompt does not hold up the other streams' chunks (Tokenizer.encode releases
+the GIL while the Rust tokenizer works, so neither does it hold up the engine thread).
 """
 from __future__ import annotations
 
@@ -78,11 +81,11 @@ def create_app(async_engine: AsyncEngine, config: ServerConfig = ServerConfig())
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
-        return serving.tokenize(body)
+        return await asyncio.to_thread(serving.tokenize, body)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
-        return serving.detokenize(body)
+        return await asyncio.to_thread(serving.detokenize, body)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -92,24 +95,26 @@ def create_app(async_engine: AsyncEngine, config: ServerConfig = ServerConfig())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await _respond(serving, serving.chat_job(body, _tenant_salt(request)), request)
+        job = await asyncio.to_thread(serving.chat_job, body, _tenant_salt(request))
+        return await _respond(serving, job, request)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await _respond(serving, serving.completion_job(body, _tenant_salt(request)), request)
+        job = await asyncio.to_thread(serving.completion_job, body, _tenant_salt(request))
+        return await _respond(serving, job, request)
 
     @app.post("/v1/messages")
     async def messages(body: MessagesRequest, request: Request) -> Response:
-        exchange = anthropic.exchange(body, _tenant_salt(request))
+        exchange = await asyncio.to_thread(anthropic.exchange, body, _tenant_salt(request))
         return await _respond(serving, exchange.job, request, exchange)
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(body: MessagesPrompt, request: Request) -> dict:
-        return anthropic.count_tokens(body, _tenant_salt(request))
+        return await asyncio.to_thread(anthropic.count_tokens, body, _tenant_salt(request))
 
     @app.post("/v1/responses")
     async def create_response(body: ResponsesRequest, request: Request) -> Response:
-        exchange = responses_api.exchange(body, _tenant_salt(request))
+        exchange = await asyncio.to_thread(responses_api.exchange, body, _tenant_salt(request))
         return await _respond(serving, exchange.job, request, exchange)
 
     @app.post("/v1/cache/lookup")

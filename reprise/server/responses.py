@@ -98,9 +98,9 @@ def _output_chunks(serving: Serving, job: Job, index: int, output: RequestOutput
 
 
 def _delta_logprobs(serving: Serving, job: Job, output: RequestOutput) -> dict | None:
-    if output.logprobs is None or not output.delta_token_ids:
+    scored = output.delta_logprobs
+    if not scored:
         return None
-    scored = output.logprobs[len(output.logprobs) - len(output.delta_token_ids):]
     if job.chat:
         return chat_logprobs(serving.tokenizer, scored)
     offset = len(output.text) - len(output.delta_text)

@@ -237,7 +237,7 @@ class Serving:
         try:
             async for output in stream:
                 if output.finished:
-                    self._finished(job, index, output)
+                    await self._finished(job, index, output)
                 merged.put_nowait((index, output))
         except ValueError as error:     # the engine refused the add (it raises before any output)
             merged.put_nowait((index, APIError(400, str(error), "prompt")))
@@ -248,13 +248,15 @@ class Serving:
         finally:
             stream.close()
 
-    def _finished(self, job: Job, index: int, output: RequestOutput) -> None:
+    async def _finished(self, job: Job, index: int, output: RequestOutput) -> None:
+        """Files a finished output; a chat turn's reply (which re-renders and tokenizes the whole
+        conversation) is filed in a worker thread, before the client sees the output."""
         self.metrics.observe(output)
         self.ledger.record(job.salt, output)
         if job.turn is None or output.finish_reason is FinishReason.ABORT:
             return
         stop_ids = self.tokenizer.eos_token_ids | set(job.params[index].stop_token_ids)
-        continuation = job.turn.finish(output, stop_ids, self.replies, job.salt)
+        continuation = await asyncio.to_thread(job.turn.finish, output, stop_ids, self.replies, job.salt)
         if continuation is not None and index == 0 and self.config.continuation_prefill:
             self._prefill(continuation, job.salt, f"{job.id}-next")
 
@@ -273,7 +275,7 @@ class Serving:
     async def lookup(self, body: CacheLookupRequest, tenant_salt: str | None = None) -> CacheReport:
         """The cache match a request would get, without running it (POST /v1/cache/lookup)."""
         salt = tenant_cache_salt(tenant_salt, body.cache_salt)
-        prompt_ids = self._prompt_of(body, self.replies, salt)
+        prompt_ids = await asyncio.to_thread(self._prompt_of, body, self.replies, salt)
         match = await asyncio.to_thread(self.async_engine.call, self.engine.lookup, prompt_ids, salt)
         return CacheReport(cached_tokens=match.cached_tokens, prompt_tokens=len(prompt_ids),
                            diverged_at=match.diverged_at, miss_reason=match.miss.value if match.miss else None)
