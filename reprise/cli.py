@@ -26,6 +26,9 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length cap")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="decode through torch.compile, kernels cached in ~/.cache/reprise/inductor or "
+                             "$TORCHINDUCTOR_CACHE_DIR (docs/compile.md; default: off)")
     parser.add_argument("--checkpoint-interval", type=int, default=1024,
                         help="hybrid models: tokens between recurrent-state checkpoints in the prefix cache")
     parser.add_argument("--max-pinned-fraction", type=float, default=0.5,
@@ -52,7 +55,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         kv_cache_bytes=args.kv_cache_bytes,
                         block_size=args.block_size, prefix_cache=not args.no_prefix_cache,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        max_model_len=args.max_model_len, seed=args.seed,
+                        max_model_len=args.max_model_len, seed=args.seed, compile=args.compile,
                         checkpoint_interval=args.checkpoint_interval, speculative=args.speculative,
                         spec_tokens=args.spec_tokens, spec_ngram_max=args.spec_ngram_max,
                         spec_ngram_min=args.spec_ngram_min, max_pinned_fraction=args.max_pinned_fraction,

@@ -47,6 +47,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512        # tokens per engine step (prefill chunk budget)
     max_model_len: int | None = None         # None = the model's context length
     seed: int = 0
+    compile: bool = False                    # decode through torch.compile (docs/compile.md)
     checkpoint_interval: int = 1024          # hybrid models: tokens between recurrent-state checkpoints
     speculative: str | None = None           # "ngram" = prompt-lookup speculative decoding; None = off
     spec_tokens: int = 4                     # draft tokens verified per step at most

@@ -12,7 +12,8 @@ from reprise.chat.continuity import ReplyMemory, chat_prompt_ids, reply_ids
 class LLM:
     """`LLM(model=None)` loads the default model; `generate` runs prompts to completion, batched.
 
-    `options` are further EngineConfig fields, e.g. `weights="native" | "bfloat16" | "float32"`.
+    `options` are further EngineConfig fields, e.g. `weights="native" | "bfloat16" | "float32"`;
+    `compile=True` decodes through torch.compile (docs/compile.md).
     `disk_cache_dir` puts a disk tier under the KV pool (`disk_cache_bytes`, default 10GiB;
     docs/disk-cache.md); `close()` flushes its queued writes (also done at interpreter exit)."""
 

@@ -95,7 +95,7 @@ class Engine:
         loaded = load_model(config.model)
         self.model_config, self.tokenizer, self.model_path = loaded.config, loaded.tokenizer, loaded.path
         self.native_weights = resolve_weights(config.weights, config.dtype, self.dtype, loaded.is_gguf, self.device)
-        model = build_model(self.model_config)
+        model = build_model(self.model_config, config.compile)
         model.load_weights(loaded.weights(native=self.native_weights))
         model.to(device=self.device, dtype=self.dtype).eval()
         self.weights_bytes = weights_bytes(model)

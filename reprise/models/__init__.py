@@ -15,7 +15,9 @@ from reprise.models.layers.gated_delta import state_specs as gated_delta_state_s
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "qwen3_5", "gemma3")
 
 
-def build_model(config: ModelConfig) -> nn.Module:
+def build_model(config: ModelConfig, compile: bool = False) -> nn.Module:
+    """`compile`: decode rows through torch.compile (layers/compiled.py); the Llama family only, the
+    others run eagerly."""
     if config.architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {config.architecture!r} "
                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
@@ -25,8 +27,9 @@ def build_model(config: ModelConfig) -> nn.Module:
     if config.architecture == "gemma3":
         from reprise.models.gemma3 import Gemma3ForCausalLM
         return Gemma3ForCausalLM(config)
+    from reprise.models.layers.compiled import DenseSteps
     from reprise.models.llama import LlamaForCausalLM
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(config, DenseSteps(compile))
 
 
 def state_specs(config: ModelConfig) -> tuple[StateSpec, ...]:

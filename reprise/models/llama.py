@@ -14,11 +14,12 @@ from torch import nn
 
 from reprise.cache.layout import LayerKind
 from reprise.models.config import ModelConfig, cache_layout
-from reprise.models.layers.attention import Attention
+from reprise.models.layers.attention import Attention, paged_attention
 from reprise.models.layers.batch import ForwardBatch
+from reprise.models.layers.compiled import EAGER, DenseSteps
 from reprise.models.layers.mlp import MLP
 from reprise.models.layers.norm import RMSNorm
-from reprise.models.layers.rope import RotaryEmbedding
+from reprise.models.layers.rope import RotaryEmbedding, apply_rotary
 from reprise.models.layers.weights import head_logits, load_weights
 
 
@@ -30,17 +31,39 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, kv_cache, batch):
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, rope, kv_cache, batch, dense: DenseSteps = EAGER):
+        """Attention.forward split around paged attention, so that `dense` can compile the halves
+        that are row-wise math (compiled.py) while the attention over the paged cache stays eager."""
+        first_decode = batch.decode.q_start if batch.decode is not None else None
+        q, k, v = dense(_attention_inputs, self, first_decode, x, *rope)
+        out = paged_attention(q, k, v, *kv_cache, batch, self.self_attn.scale)
+        return dense(_layer_output, self, first_decode, x, out)[0]
+
+
+def _attention_inputs(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q, k, v of the rows of x: input norm, fused projection, q/k norm, rope (as Attention.forward)."""
+    attn = layer.self_attn
+    q, k, v = attn.qkv_proj(layer.input_layernorm(x)).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    q = q.reshape(-1, attn.num_heads, attn.head_dim)
+    k = k.reshape(-1, attn.num_kv_heads, attn.head_dim)
+    v = v.reshape(-1, attn.num_kv_heads, attn.head_dim)
+    if attn.q_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
+def _layer_output(layer: DecoderLayer, x: torch.Tensor, attention: torch.Tensor):
+    """The layer's output rows from its input rows and their attention: o_proj, residual, MLP."""
+    x = x + layer.self_attn.o_proj(attention)
+    return (x + layer.mlp(layer.post_attention_layernorm(x)),)
 
 
 class LlamaForCausalLM(nn.Module):
     chunk_alignment = 1     # prefill chunks may end at any token
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, dense: DenseSteps = EAGER):
         super().__init__()
-        self.config = config
+        self.config, self.dense = config, dense
         self.cache_layout = cache_layout(config)
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -56,7 +79,7 @@ class LlamaForCausalLM(nn.Module):
         # one kind for every layer: all FULL, or all SLIDING (Mistral with a window)
         attention = batch.sliding if self.cache_layout.layer_kinds[0] is LayerKind.SLIDING else batch.full
         for layer, kv_cache in zip(self.layers, caches):
-            x = layer(x, rope, kv_cache, attention)
+            x = layer(x, rope, kv_cache, attention, self.dense)
         x = self.norm(x[logits_indices])
         return head_logits(self, x).float()
 
