@@ -5,7 +5,9 @@ The KV cache of a layer is a pair of tensors [num_blocks, block_size, kv_heads, 
 are written to their slots first. Then a chunk attends causally to its own fresh K/V and to its
 sequence's earlier keys, read segment by segment from the cache (in place where its blocks are
 consecutive: see batch.py), the results merged by their logsumexp. Decodes go in groups of similar
-context length, each through one padded gather.
+context length, each through one padded gather into buffers every layer of the step reuses, or, for
+a lone sequence whose blocks follow each other, read in place: the same keys under the same additive
+mask (built once per step by metadata.py), so the same arithmetic either way.
 """
 from __future__ import annotations
 
