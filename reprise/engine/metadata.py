@@ -66,7 +66,7 @@ def attention_batch(rows: list[SeqRows], slots: torch.Tensor, block_size: int, w
             chunks.append(_prefill_chunk(row, q_start, block_size, window, device, dtype))
             q_start += row.num_tokens
     decodes = [row for row in rows if not row.chunk]
-    decode = _decode_batch(decodes, q_start, block_size, window, device) if decodes else None
+    decode = _decode_batch(decodes, q_start, block_size, window, device, dtype) if decodes else None
     return AttentionBatch(slots, tuple(chunks), decode)
 
 
@@ -116,13 +116,13 @@ def _windowed_keys(row: SeqRows, block_size: int, window: int, device: torch.dev
 
 
 def _decode_batch(rows: list[SeqRows], q_start: int, block_size: int, window: int | None,
-                  device: torch.device) -> DecodeBatch:
+                  device: torch.device, dtype: torch.dtype) -> DecodeBatch:
     """Decodes grouped by context length class (up to DECODE_GROUP_KEYS keys, then each doubling),
     so a long context pads only the ones of its class."""
     classes: dict[int, list[int]] = {}
     for i, row in enumerate(rows):
         classes.setdefault(_length_class(row.start + 1 - _first_key(row.start, window)), []).append(i)
-    groups = tuple(_padded([rows[i] for i in indices], indices, len(rows), block_size, window, device)
+    groups = tuple(_padded([rows[i] for i in indices], indices, len(rows), block_size, window, device, dtype)
                    for _, indices in sorted(classes.items()))
     return DecodeBatch(q_start, groups)
 
@@ -133,20 +133,25 @@ def _length_class(num_keys: int) -> int:
 
 
 def _padded(rows: list[SeqRows], indices: list[int], num_rows: int, block_size: int, window: int | None,
-            device: torch.device) -> PaddedDecode:
-    """Keys from the first block each window reaches, padded to the longest; the mask hides the
-    padding and keys older than the window."""
+            device: torch.device, dtype: torch.dtype) -> PaddedDecode:
+    """Keys from the first block each window reaches, padded to the longest; the additive mask (the
+    form SDPA's CPU kernel computes with: a bool mask is converted at every layer) hides the padding
+    and keys older than the window. A lone sequence whose blocks follow each other in the pool is
+    read in place: the same keys under the same mask, so the same arithmetic as gathered."""
     firsts = [_first_key(row.start, window) // block_size for row in rows]
     tables = [row.block_table[first:row.start // block_size + 1] for row, first in zip(rows, firsts)]
     if any(None in table for table in tables):
         raise RuntimeError("a released block lies inside an attention window")
     width = max(len(table) for table in tables)
-    block_tables = torch.tensor([table + [table[0]] * (width - len(table)) for table in tables], dtype=torch.long)
     keys = torch.tensor(firsts)[:, None] * block_size + torch.arange(width * block_size)
     queries = torch.tensor([row.start for row in rows])[:, None]
-    visible = keys <= queries
+    hidden = keys > queries
     if window is not None:
-        visible &= keys > queries - window
-    all_rows = len(indices) == num_rows
-    return PaddedDecode(None if all_rows else torch.tensor(indices, device=device),
-                        block_tables.to(device), visible[:, None, None, :].to(device))
+        hidden |= keys <= queries - window
+    mask = torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, float("-inf"))[:, None, None, :].to(device)
+    row_ids = None if len(indices) == num_rows else torch.tensor(indices, device=device)
+    table = tables[0]
+    if len(rows) == 1 and all(b == a + 1 for a, b in zip(table, table[1:])):
+        return PaddedDecode(row_ids, None, mask, start=table[0] * block_size)
+    block_tables = torch.tensor([table + [table[0]] * (width - len(table)) for table in tables], dtype=torch.long)
+    return PaddedDecode(row_ids, block_tables.flatten().to(device), mask)

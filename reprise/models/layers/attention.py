@@ -5,7 +5,9 @@ The KV cache of a layer is a pair of tensors [num_blocks, block_size, kv_heads, 
 are written to their slots first. Then a chunk attends causally to its own fresh K/V and to its
 sequence's earlier keys, read segment by segment from the cache (in place where its blocks are
 consecutive: see batch.py), the results merged by their logsumexp. Decodes go in groups of similar
-context length, each through one padded gather.
+context length, each through one padded gather into buffers every layer of the step reuses, or, for
+a lone sequence whose blocks follow each other, read in place: the same keys under the same additive
+mask (built once per step by metadata.py), so the same arithmetic either way.
 """
 from __future__ import annotations
 
@@ -164,6 +166,24 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, decod
 
 def _padded_decode(grouped: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, padded: PaddedDecode,
                    scale: float) -> torch.Tensor:
-    keys = k_cache[padded.block_tables].flatten(1, 2).permute(0, 2, 1, 3)    # [seqs, kv_heads, keys, dim]
-    values = v_cache[padded.block_tables].flatten(1, 2).permute(0, 2, 1, 3)
+    num_keys = padded.mask.shape[-1]
+    if padded.start is not None:
+        keys = k_cache.view(-1, *k_cache.shape[2:])[padded.start:padded.start + num_keys].transpose(0, 1)[None]
+        values = v_cache.view(-1, *v_cache.shape[2:])[padded.start:padded.start + num_keys].transpose(0, 1)[None]
+    else:
+        keys, values = _gather_padded(k_cache, v_cache, padded)
     return F.scaled_dot_product_attention(grouped, keys, values, attn_mask=padded.mask, scale=scale)
+
+
+def _gather_padded(k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   padded: PaddedDecode) -> tuple[torch.Tensor, torch.Tensor]:
+    """[seqs, kv_heads, keys, dim] keys and values through the padded block tables, into the step's
+    scratch buffers (allocated by the first layer, refilled by the others)."""
+    shape = (padded.block_tables.shape[0], *k_cache.shape[1:])
+    if shape not in padded.scratch:
+        padded.scratch[shape] = (k_cache.new_empty(shape), v_cache.new_empty(shape))
+    keys, values = padded.scratch[shape]
+    torch.index_select(k_cache, 0, padded.block_tables, out=keys)
+    torch.index_select(v_cache, 0, padded.block_tables, out=values)
+    seqs = padded.mask.shape[0]
+    return (keys.view(seqs, -1, *shape[2:]).transpose(1, 2), values.view(seqs, -1, *shape[2:]).transpose(1, 2))

@@ -14,7 +14,7 @@ from some of its queries, that chunk takes the masked path (WindowedKeys).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -54,11 +54,17 @@ class PrefillChunk:
 
 @dataclass(frozen=True)
 class PaddedDecode:
-    """Decodes of similar context lengths, batched: their keys gathered into one padded tensor."""
+    """Decodes of similar context lengths, batched: their keys gathered into one padded tensor, or
+    read in place (`start`) where the group is one sequence whose blocks follow each other."""
 
     rows: torch.Tensor | None    # [num_seqs] rows among the decode rows; None = every decode row
-    block_tables: torch.Tensor   # [num_seqs, max_blocks], padded with any valid block id
-    mask: torch.Tensor           # [num_seqs, 1, 1, max_blocks * block_size] bool: key is visible
+    block_tables: torch.Tensor | None   # [num_seqs * max_blocks] block ids, each row padded with a valid
+    #                                     block id; None when read in place
+    mask: torch.Tensor           # [num_seqs, 1, 1, max_blocks * block_size] additive (0 / -inf)
+    start: int | None = None     # flat slot of the first key, when read in place
+    # the gathered keys and values, one buffer pair per shape reused by every layer of the step: a
+    # fresh multi-MiB tensor per layer costs its page faults each time
+    scratch: dict = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
