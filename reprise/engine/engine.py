@@ -249,7 +249,7 @@ class Engine:
             self._inject_fault()
             sampled, prompt_logprobs = self.runner.execute(plan)
         except Exception as error:
-            raise BatchFailed([self._fail(request) for request in plan.requests], error) from error
+            raise BatchFailed([self._fail(self._requests[i]) for i in plan.request_ids], error) from error
         self._record_logprobs(plan, sampled, prompt_logprobs)
         advanced = self.scheduler.update(plan, [s.token_ids for s in sampled])
         return [self._advance(request, num_new) for request, num_new in advanced]
@@ -268,8 +268,8 @@ class Engine:
 
     def _record_logprobs(self, plan, sampled: list[Sampled], prompt_logprobs: list[PromptLogprobs]) -> None:
         """Files the step's logprobs with their requests (sampled: in the runner's sampling order)."""
-        sampling = [item.request for item in plan.prefills if item.samples]
-        for request, drawn in zip(sampling + [v.request for v in plan.verifies] + list(plan.decodes), sampled):
+        for item, drawn in zip(plan.sampling, sampled):
+            request = self._requests[item.request_id]
             if request.logprobs is not None:
                 request.logprobs.extend(drawn.logprobs)
         for scored in prompt_logprobs:

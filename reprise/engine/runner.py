@@ -1,4 +1,8 @@
-"""ModelRunner: owns the weights, KV and state tensors, turns a scheduled step into tensors, runs it, samples."""
+"""ModelRunner: owns the weights, KV and state tensors, turns a scheduled step into tensors, runs it, samples.
+
+It never sees a `Request`: a StepPlan carries ids, tokens, positions and block ids, and the runner
+keeps each running request's block table from step to step (vLLM v1's `InputBatch`), updated from
+the block ids the plan sends (usually none for a decode), until the plan drops the request."""
 from __future__ import annotations
 
 import math
@@ -8,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from reprise.cache.layout import LayerKind
-from reprise.engine.plan import StepPlan
-from reprise.engine.request import Request, Sampled, TokenLogprob
+from reprise.engine.plan import ScheduledChunk, StepPlan
+from reprise.engine.request import Sampled, TokenLogprob
 from reprise.engine.sampler import Sampler, token_logprobs
 from reprise.models import state_specs
 from reprise.models.config import ModelConfig, cache_layout
@@ -93,6 +97,7 @@ class ModelRunner:
                        for spec in state_specs(config)]
         self.caches = self._layer_caches(layout)
         self.sampler = sampler
+        self.block_tables: dict[str, list[int | None]] = {}    # per running request, kept across steps
 
     def _layer_caches(self, layout) -> list[tuple[torch.Tensor, ...]]:
         """Per layer, views into the shared tensors: (k, v) for attention, its states for recurrent layers."""
@@ -111,14 +116,15 @@ class ModelRunner:
         (1 to len(draft_ids) + 1 tokens), then each decode (one token each); and the prompt
         logprobs of the chunks of requests that asked for them."""
         logits, sampling, prompt_logprobs = self.forward(plan)
-        sampled = self.sampler.sample(logits, [r.request_id for r, _ in sampling], [d for _, d in sampling])
+        sampled = self.sampler.sample(logits, [r for r, _ in sampling], [d for _, d in sampling])
         return sampled, prompt_logprobs
 
     @torch.inference_mode()
-    def forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[tuple[Request, tuple[int, ...]]], list[PromptLogprobs]]:
-        """Float32 logits, one row per sampling position, and (request, draft_ids) of the requests
+    def forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[tuple[str, tuple[int, ...]]], list[PromptLogprobs]]:
+        """Float32 logits, one row per sampling position, and (request id, draft_ids) of the requests
         they belong to, in plan order: a verify has 1 + len(draft_ids) rows, the others one. Then
         the prompt logprobs of chunks whose request asked for them."""
+        self._update_tables(plan)
         self.copy_blocks(plan.copies)
         self._copy_states(plan.state_copies)
         self._reset_states(plan)
@@ -131,27 +137,37 @@ class ModelRunner:
         self._copy_states(plan.state_snapshots)
         return logits[:num_sampling], sampling, self._prompt_logprobs(logits[num_sampling:], scored)
 
-    def _scored_prompt_rows(self, plan: StepPlan) -> tuple[list[tuple[Request, int, int]], torch.Tensor]:
-        """(request, first position, count) of the prefill rows that score a prompt token (the row at
-        position p scores token p + 1; a request resumed after preemption re-chunks its output too,
-        which is not scored), and their batch rows."""
+    def _update_tables(self, plan: StepPlan) -> None:
+        """Forgets dropped requests, then brings each scheduled one's block table up to date."""
+        for request_id in plan.dropped:
+            self.block_tables.pop(request_id, None)
+        for item in plan.items:
+            table = self.block_tables.setdefault(item.request_id, [])
+            if item.num_kept_blocks < len(table) or item.new_block_ids:
+                del table[item.num_kept_blocks:]
+                table.extend(item.new_block_ids)
+            num_released = item.num_released_blocks
+            if num_released and table[num_released - 1] is not None:
+                table[:num_released] = [None] * num_released
+
+    def _scored_prompt_rows(self, plan: StepPlan) -> tuple[list[ScheduledChunk], torch.Tensor]:
+        """The prefill chunks that score prompt tokens (the row at position p scores token p + 1),
+        and the batch rows that do."""
         scored, rows, first = [], [], 0
         for item in plan.prefills:
-            request, start = item.request, item.request.num_computed
-            count = min(item.num_tokens, len(request.prompt_ids) - 1 - start)
-            if request.params.prompt_logprobs is not None and count > 0:
-                scored.append((request, start, count))
-                rows.append(torch.arange(first, first + count))
+            if item.scored_ids:
+                scored.append(item)
+                rows.append(torch.arange(first, first + len(item.scored_ids)))
             first += item.num_tokens
         return scored, (torch.cat(rows).to(self.device) if rows else torch.empty(0))
 
     @staticmethod
-    def _prompt_logprobs(logits: torch.Tensor, scored: list[tuple[Request, int, int]]) -> list[PromptLogprobs]:
+    def _prompt_logprobs(logits: torch.Tensor, scored: list[ScheduledChunk]) -> list[PromptLogprobs]:
         results, row = [], 0
-        for request, start, count in scored:
-            targets = request.prompt_ids[start + 1:start + 1 + count]
-            logprobs = token_logprobs(logits[row:row + count], targets, request.params.prompt_logprobs)
-            results.append(PromptLogprobs(request.request_id, start + 1, logprobs))
+        for item in scored:
+            count = len(item.scored_ids)
+            logprobs = token_logprobs(logits[row:row + count], list(item.scored_ids), item.prompt_logprobs)
+            results.append(PromptLogprobs(item.request_id, item.start + 1, logprobs))
             row += count
         return results
 
@@ -172,7 +188,7 @@ class ModelRunner:
 
     def _reset_states(self, plan: StepPlan) -> None:
         """A sequence computed from position 0 starts from zero states (nothing before it)."""
-        fresh = [item.request.cache.state_slot for item in plan.prefills if item.request.num_computed == 0]
+        fresh = [item.state_slot for item in plan.prefills if item.start == 0]
         if self.states and fresh:
             slots = torch.tensor(fresh, device=self.device)
             for states in self.states:
@@ -181,29 +197,26 @@ class ModelRunner:
     def _prepare(self, plan: StepPlan):
         ids, positions, logits_indices, sampling = [], [], [], []
         for item in plan.prefills:
-            request, start = item.request, item.request.num_computed
-            ids.extend(request.all_ids[start:start + item.num_tokens])
-            positions.append(torch.arange(start, start + item.num_tokens))
+            ids.extend(item.token_ids)
+            positions.extend(range(item.start, item.start + item.num_tokens))
             if item.samples:
                 logits_indices.append(len(ids) - 1)
-                sampling.append((request, ()))
+                sampling.append((item.request_id, ()))
         for verify in plan.verifies:
-            request, start = verify.request, verify.request.num_computed
-            ids.extend([request.all_ids[-1], *verify.draft_ids])
-            positions.append(torch.arange(start, start + verify.num_tokens))
+            ids.extend(verify.token_ids)
+            positions.extend(range(verify.start, verify.start + verify.num_tokens))
             logits_indices.extend(range(len(ids) - verify.num_tokens, len(ids)))
-            sampling.append((request, verify.draft_ids))
+            sampling.append((verify.request_id, verify.draft_ids))
         num_chunked = len(ids)
-        for request in plan.decodes:
-            ids.append(request.all_ids[-1])
-            positions.append(torch.tensor([request.num_tokens - 1]))
+        for item in plan.decodes:
+            ids.extend(item.token_ids)
+            positions.append(item.start)
             logits_indices.append(len(ids) - 1)
-            sampling.append((request, ()))
-        pos = torch.cat(positions)
+            sampling.append((item.request_id, ()))
         batch = self._batch(plan, num_chunked)
-        to = dict(device=self.device)
-        return (torch.tensor(ids, **to), pos.to(self.device), batch,
-                torch.tensor(logits_indices, dtype=torch.long, **to), sampling)
+        to = dict(dtype=torch.long, device=self.device)
+        return (torch.tensor(ids, **to), torch.tensor(positions, **to), batch,
+                torch.tensor(logits_indices, **to), sampling)
 
     def _batch(self, plan: StepPlan, num_chunked: int) -> ForwardBatch:
         full = sliding = recurrent = None
@@ -221,20 +234,20 @@ class ModelRunner:
             recurrent = self._recurrent_batch(plan, num_chunked)
         return ForwardBatch(full, sliding, recurrent)
 
-    @staticmethod
-    def _rows(plan: StepPlan) -> list[SeqRows]:
+    def _rows(self, plan: StepPlan) -> list[SeqRows]:
         """Each sequence's tokens in batch order: prefill chunks, verifies (chunks too), decodes."""
-        rows = [SeqRows(item.request.request_id, item.request.cache.block_table, item.request.num_computed,
-                        item.num_tokens, True) for item in (*plan.prefills, *plan.verifies)]
-        rows += [SeqRows(r.request_id, r.cache.block_table, r.num_tokens - 1, 1, False) for r in plan.decodes]
+        tables = self.block_tables
+        rows = [SeqRows(item.request_id, tables[item.request_id], item.start, item.num_tokens, True)
+                for item in (*plan.prefills, *plan.verifies)]
+        rows += [SeqRows(item.request_id, tables[item.request_id], item.start, 1, False) for item in plan.decodes]
         return rows
 
     def _recurrent_batch(self, plan: StepPlan, num_prefill: int) -> RecurrentBatch:
         chunks, q_start = [], 0
         for item in plan.prefills:
-            chunks.append(RecurrentChunk(q_start, item.num_tokens, item.request.cache.state_slot))
+            chunks.append(RecurrentChunk(q_start, item.num_tokens, item.state_slot))
             q_start += item.num_tokens
         slots = None
         if plan.decodes:
-            slots = torch.tensor([r.cache.state_slot for r in plan.decodes], dtype=torch.long, device=self.device)
+            slots = torch.tensor([item.state_slot for item in plan.decodes], dtype=torch.long, device=self.device)
         return RecurrentBatch(tuple(chunks), num_prefill, slots)

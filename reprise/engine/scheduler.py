@@ -1,6 +1,7 @@
 """Scheduler: waiting and running queues, a token budget per step, chunked prefill, preemption.
 
 It decides and owns no memory: blocks come from the CacheManager, tensors from the ModelRunner.
+What it decides leaves it as a StepPlan of plain data (plan_writer.py), never a live Request.
 Each step every decoding request gets its one token first; prefill chunks share what is left of
 the budget, cut on the block grid so a cold run and a run resumed from the cache chunk alike.
 A prompt's last token always runs as a decode, as it does after an exact hit: in bf16 a one-row
@@ -24,7 +25,8 @@ from collections import deque
 
 from reprise.cache.manager import CacheManager, Match, MissReason
 from reprise.engine.request import FinishReason, Request, RequestStatus
-from reprise.engine.plan import ScheduledChunk, StepPlan, Verify
+from reprise.engine.plan import StepPlan, Verify
+from reprise.engine.plan_writer import Chunk, Drafted, PlanWriter
 from reprise.engine.speculative import NgramDrafter
 
 
@@ -44,6 +46,8 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}   # added and not finished, for the ids a plan carries
+        self.writer = PlanWriter()             # the plan's data, and what the runner holds
         self.num_preemptions = 0
         self.drafter = drafter
         self.max_model_len = max_model_len
@@ -52,6 +56,7 @@ class Scheduler:
         self.loads = loads
 
     def add(self, request: Request) -> None:
+        self.requests[request.request_id] = request
         self.waiting.append(request)
 
     @property
@@ -59,7 +64,7 @@ class Scheduler:
         return bool(self.waiting or self.running or (self.loads is not None and self.loads.num_loading))
 
     def schedule(self) -> StepPlan:
-        prefills: list[ScheduledChunk] = []
+        prefills: list[Chunk] = []
         decodes: list[Request] = []
         num_decodes = sum(1 for r in self.running if r.num_uncomputed == 1)
         budget = max(self.max_num_batched_tokens - num_decodes, 0)
@@ -70,11 +75,7 @@ class Scheduler:
             budget = self._schedule_one(request, budget, prefills, decodes, scheduled)
         decodes, verifies, budget = self._speculate(decodes, budget)
         copies = self._admit(budget, prefills, decodes)
-        restores = tuple((r.cache.restore_from, r.cache.state_slot)
-                         for r in [item.request for item in prefills] + decodes if r.cache.restore_from is not None)
-        snapshots = tuple((item.request.cache.state_slot, item.checkpoint)
-                          for item in prefills if item.checkpoint is not None)
-        return StepPlan(tuple(prefills), tuple(decodes), tuple(copies), restores, snapshots, tuple(verifies))
+        return self.writer.write(prefills, verifies, decodes, copies)
 
     def _schedule_one(self, request: Request, budget: int, prefills, decodes, scheduled) -> int:
         """Plans one running request's tokens, preempting later requests if blocks run short."""
@@ -94,7 +95,7 @@ class Scheduler:
         prefills.append(self._chunk(request, num_tokens))
         return budget - num_tokens
 
-    def _speculate(self, decodes: list[Request], budget: int) -> tuple[list[Request], list[Verify], int]:
+    def _speculate(self, decodes: list[Request], budget: int) -> tuple[list[Request], list[Drafted], int]:
         """Turns decodes into verifies where the drafter guesses tokens that fit the budget and the
         pool. Runs once every running request holds its blocks for this step: it never preempts."""
         if self.drafter is None:
@@ -103,7 +104,7 @@ class Scheduler:
         for request in decodes:
             draft_ids = self._draft(request, budget)
             if draft_ids and self.cache.allocate(request.cache, request.num_tokens + len(draft_ids)):
-                verifies.append(Verify(request, draft_ids))
+                verifies.append((request, draft_ids))
                 budget -= len(draft_ids)
             else:
                 plain.append(request)
@@ -132,14 +133,14 @@ class Scheduler:
         end = (start + budget) // self.chunk_grid * self.chunk_grid
         return max(end - start, 0)
 
-    def _chunk(self, request: Request, num_tokens: int) -> ScheduledChunk:
+    def _chunk(self, request: Request, num_tokens: int) -> Chunk:
         """The chunk, with a fresh checkpoint slot when it stops at a checkpoint position."""
         end = request.num_computed + num_tokens
         checkpoint = None
         if self.checkpoint_interval is not None and (end % self.checkpoint_interval == 0
                                                      or end == request.num_tokens - 1):
             checkpoint = self.cache.allocate_checkpoint()
-        return ScheduledChunk(request, num_tokens, checkpoint=checkpoint)
+        return request, num_tokens, checkpoint
 
     def _pick_victim(self, scheduled: set[str]) -> Request:
         """The most recently admitted request not yet planned this step (the caller itself last)."""
@@ -157,6 +158,7 @@ class Scheduler:
         self.num_preemptions += 1
         self.running.remove(request)
         self.waiting.appendleft(request)
+        self.writer.forget(request)
 
     def _admit(self, budget: int, prefills, decodes) -> list[tuple[int, int]]:
         copies: list[tuple[int, int]] = []
@@ -238,7 +240,7 @@ class Scheduler:
         results = iter(sampled)
         advanced = []
         for item in plan.prefills:
-            request = item.request
+            request = self.requests[item.request_id]
             self.cache.restored(request.cache)
             request.num_computed += item.num_tokens
             if item.samples:
@@ -246,22 +248,24 @@ class Scheduler:
                 advanced.append((request, 1))
             self.cache.commit(request.cache, request.all_ids[:request.num_computed], item.checkpoint)
         for verify in plan.verifies:
-            advanced.append((verify.request, self._verified(verify, next(results))))
-        for request in plan.decodes:
+            request = self.requests[verify.request_id]
+            advanced.append((request, self._verified(request, verify, next(results))))
+        for item in plan.decodes:
+            request = self.requests[item.request_id]
             self.cache.restored(request.cache)
             request.num_computed += 1
             request.output_ids.extend(next(results))
             advanced.append((request, 1))
         return advanced
 
-    def _verified(self, verify: Verify, new_ids: list[int]) -> int:
+    def _verified(self, request: Request, verify: Verify, new_ids: list[int]) -> int:
         """Rolls a verify forward over its accepted drafts only: the last token and the accepted
         drafts now have KV (num_computed), the rejected positions after them do not, and the blocks
         that covered only those go back. Returns the number of new tokens."""
-        request = verify.request
         request.num_computed += len(new_ids)
         request.output_ids.extend(new_ids)
         self.cache.truncate(request.cache, request.num_tokens)
+        self.writer.truncated(request)
         self.num_draft_tokens += len(verify.draft_ids)
         self.num_accepted_tokens += len(new_ids) - 1
         return len(new_ids)
@@ -286,12 +290,14 @@ class Scheduler:
             self.cache.release(request.cache, cached_ids, pins)
             request.cache = None
             self.running.remove(request)
+            self.writer.forget(request)
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
         elif request.status is RequestStatus.LOADING:
             self.loads.cancel(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
+        self.requests.pop(request.request_id, None)
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:

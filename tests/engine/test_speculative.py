@@ -66,10 +66,10 @@ def test_mixed_step_of_verifies_plain_decodes_and_a_prefill(llm_spec, prompts, p
     def recording_schedule():
         plan = schedule()
         for verify in plan.verifies:           # the positions a verify writes lie in blocks it alone holds
-            start, end = verify.request.num_computed, verify.request.num_computed + verify.num_tokens
-            table = verify.request.cache.block_table
+            start, end = verify.start, verify.start + verify.num_tokens
+            table = engine.scheduler.requests[verify.request_id].cache.block_table
             assert all(engine.cache.pool.ref_count(table[i // engine.block_size]) == 1 for i in range(start, end))
-        steps.append((len(plan.prefills), {v.request.request_id for v in plan.verifies},
+        steps.append((len(plan.prefills), {v.request_id for v in plan.verifies},
                       {r.request_id for r in plan.decodes}))
         return plan
     monkeypatch.setattr(engine.scheduler, "schedule", recording_schedule)

@@ -5,7 +5,7 @@ import torch
 
 from reprise.engine.engine import Engine
 from reprise.engine.request import Request, SamplingParams
-from reprise.engine.plan import ScheduledChunk, StepPlan
+from reprise.engine.plan import Scheduled, ScheduledChunk, StepPlan
 
 
 def engine_logits(engine: Engine, ids: list[int], num_prompt: int, chunk: int = 48,
@@ -26,14 +26,14 @@ def engine_logits(engine: Engine, ids: list[int], num_prompt: int, chunk: int = 
     while request.num_computed < num_prompt:
         _drop(request, drop_outside, engine.block_size)
         size = min(chunk, num_prompt - request.num_computed)
-        logits, *_ = engine.runner.forward(StepPlan((ScheduledChunk(request, size, True),), (), ()))
+        logits, *_ = engine.runner.forward(StepPlan((chunk_item(request, size),), (), ()))
         request.num_computed += size
         rows.append(logits[0])
     rows = rows[-1:]
     for token in ids[num_prompt:]:
         request.output_ids.append(token)
         _drop(request, drop_outside, engine.block_size)
-        logits, *_ = engine.runner.forward(StepPlan((), (request,), ()))
+        logits, *_ = engine.runner.forward(StepPlan((), (decode_item(request),), ()))
         request.num_computed += 1
         rows.append(logits[0])
     request.cache.block_table[:] = held
@@ -41,6 +41,22 @@ def engine_logits(engine: Engine, ids: list[int], num_prompt: int, chunk: int = 
         request.cache.state_slot = None
     engine.cache.release(request.cache, [])
     return torch.stack(rows)
+
+
+def _fields(request: Request, token_ids: list[int], start: int) -> tuple:
+    """A request's Scheduled fields, its whole block table sent (the runner keeps nothing between calls)."""
+    return (request.request_id, tuple(token_ids), start, tuple(request.cache.block_table), 0, 0,
+            request.cache.state_slot)
+
+
+def chunk_item(request: Request, num_tokens: int) -> ScheduledChunk:
+    """The request's next `num_tokens` as a chunk whose last logits are read."""
+    start = request.num_computed
+    return ScheduledChunk(*_fields(request, request.all_ids[start:start + num_tokens], start), samples=True)
+
+
+def decode_item(request: Request) -> Scheduled:
+    return Scheduled(*_fields(request, request.all_ids[-1:], request.num_tokens - 1))
 
 
 def _drop(request: Request, window: int | None, block_size: int) -> None:

@@ -8,8 +8,9 @@ import torch
 from reprise.config import EngineConfig
 from reprise.engine.engine import Engine
 from reprise.engine.request import Request, SamplingParams
-from reprise.engine.plan import ScheduledChunk, StepPlan
+from reprise.engine.plan import StepPlan
 from reprise.models.layers.gated_delta import RECURRENT_CHUNK
+from tests.models.helpers import chunk_item
 from tests.models.test_hybrid_logits import CASES, tiny_model
 
 
@@ -35,7 +36,7 @@ def start(engine: Engine, ids: list[int], slot: int) -> Request:
 
 
 def prefill(engine: Engine, request: Request, num_tokens: int, **plan) -> torch.Tensor:
-    logits, *_ = engine.runner.forward(StepPlan((ScheduledChunk(request, num_tokens, True),), (), (), **plan))
+    logits, *_ = engine.runner.forward(StepPlan((chunk_item(request, num_tokens),), (), (), **plan))
     request.num_computed += num_tokens
     return logits[0]
 
