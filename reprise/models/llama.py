@@ -19,7 +19,7 @@ from reprise.models.layers.batch import ForwardBatch
 from reprise.models.layers.compiled import EAGER, DenseSteps
 from reprise.models.layers.mlp import MLP
 from reprise.models.layers.norm import RMSNorm
-from reprise.models.layers.rope import RotaryEmbedding, apply_rotary
+from reprise.models.layers.rope import RotaryEmbedding
 from reprise.models.layers.weights import head_logits, load_weights
 
 
@@ -41,15 +41,8 @@ class DecoderLayer(nn.Module):
 
 
 def _attention_inputs(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q, k, v of the rows of x: input norm, fused projection, q/k norm, rope (as Attention.forward)."""
-    attn = layer.self_attn
-    q, k, v = attn.qkv_proj(layer.input_layernorm(x)).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-    q = q.reshape(-1, attn.num_heads, attn.head_dim)
-    k = k.reshape(-1, attn.num_kv_heads, attn.head_dim)
-    v = v.reshape(-1, attn.num_kv_heads, attn.head_dim)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+    """q, k, v of the rows of x: input norm, then Attention.project (llama layers have no gate)."""
+    return layer.self_attn.project(layer.input_layernorm(x), cos, sin)[:3]
 
 
 def _layer_output(layer: DecoderLayer, x: torch.Tensor, attention: torch.Tensor):

@@ -109,7 +109,7 @@ def test_a_server_without_cached_tokens_gets_no_hit_rate_and_a_warning():
 
 
 def test_scenario_flag():
-    assert scenario_list("all") == ["repeat", "nearest", "prefix-repetition", "multiturn", "decode"]
+    assert scenario_list("all") == ["repeat", "nearest", "prefix-repetition", "multiturn", "long", "decode"]
     assert scenario_list("decode, repeat") == ["decode", "repeat"]
     with pytest.raises(Exception, match="unknown scenario 'warm'"):
         scenario_list("warm")
