@@ -4,6 +4,7 @@
 # (see docs/benchmarks.md for how to make them); set LLAMACPP_PY / VLLM_PY / VLLM_MODEL to skip none.
 # With VLLM_PY set, vLLM's own `vllm bench serve` (prefix_repetition) also runs against every server.
 # Each server's resident memory (process tree) is recorded idle after start and after its runs.
+# LABELS="reprise vllm-cpu" runs only those (results already in OUT_DIR are kept and compared).
 #   bash bench/peers/compare.sh OUT_DIR
 set -euo pipefail
 OUT=${1:-bench-results}
@@ -48,19 +49,23 @@ measure() {      # label, then the server command
     kill -TERM "$pid"; wait "$pid" || true
 }
 
-measure reprise "${REPRISE[@]}" serve --port $PORT
-measure reprise-no-cache "${REPRISE[@]}" serve --port $PORT --no-prefix-cache
-if [ -n "${LLAMACPP_PY:-}" ]; then
+wanted() { [[ " ${LABELS:-reprise reprise-bf16 reprise-no-cache llama.cpp vllm-cpu} " == *" $1 "* ]]; }
+
+wanted reprise && measure reprise "${REPRISE[@]}" serve --port $PORT
+# the same weights vLLM gets (dequantized to bf16), for the engine against engine comparison
+wanted reprise-bf16 && measure reprise-bf16 "${REPRISE[@]}" serve --port $PORT --weights bfloat16
+wanted reprise-no-cache && measure reprise-no-cache "${REPRISE[@]}" serve --port $PORT --no-prefix-cache
+if [ -n "${LLAMACPP_PY:-}" ] && wanted llama.cpp; then
     measure llama.cpp "$LLAMACPP_PY" bench/peers/llamacpp_server.py --model "$GGUF" --host 127.0.0.1 --port $PORT \
         --n_ctx 8192 --n_threads 2 --interrupt_requests False
 fi
-if [ -n "${VLLM_PY:-}" ]; then
+if [ -n "${VLLM_PY:-}" ] && wanted vllm-cpu; then
     VLLM_CPU_KVCACHE_SPACE=2 measure vllm-cpu "$VLLM_PY" -m vllm.entrypoints.openai.api_server \
         --model "$VLLM_MODEL" --served-model-name SmolLM2-135M-Instruct --host 127.0.0.1 --port $PORT \
         --dtype bfloat16 --max-model-len 8192 --enable-prefix-caching --enable-prompt-tokens-details
 fi
 results=()
-for label in reprise reprise-no-cache llama.cpp vllm-cpu; do
+for label in reprise reprise-bf16 reprise-no-cache llama.cpp vllm-cpu; do
     [ -f "$OUT/$label.json" ] && results+=("$OUT/$label.json")
 done
 "${REPRISE[@]}" bench compare "${results[@]}" --out "$OUT/table.md" --plot "$OUT/comparison.png"

