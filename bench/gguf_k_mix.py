@@ -21,6 +21,9 @@ from gguf import GGMLQuantizationType as Q
 from reprise import LLM
 from reprise.loader.default import default_model_path
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.loader.loader_testing import encode_as  # noqa: E402  (the tests' writer of random K-quant blocks)
+
 QK_K = 256
 # what llama.cpp's quantizer writes where a row is not a multiple of 256 (llama-quant.cpp)
 FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
@@ -28,7 +31,6 @@ MIXES = {"Q4_K_M": Q.Q4_K, "Q5_K_M": Q.Q5_K}
 # bits a weight as QuantizedLinear holds it: one 4-bit kernel position + a bfloat16 scale and zero per 32
 # positions for the 4-bit types, two positions for the others
 HELD_BITS = {Q.Q4_0: 5, Q.Q4_1: 5, Q.Q4_K: 5}
-K_SCALE_OFFSETS = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
 
 
 def type_for(name: str, base: Q, num_layers: int, cols: int, tied: bool) -> Q:
@@ -45,18 +47,6 @@ def type_for(name: str, base: Q, num_layers: int, cols: int, tied: bool) -> Q:
     else:
         qtype = base
     return FALLBACK[qtype] if cols % QK_K else qtype
-
-
-def encode(values: np.ndarray, qtype: Q, rng: np.random.Generator) -> np.ndarray:
-    """`values` quantized by gguf, or random K-quant blocks (scales set to a small float16) of its shape."""
-    if qtype not in K_SCALE_OFFSETS:
-        return gguf.quants.quantize(values, qtype)
-    elements, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-    rows, cols = values.shape
-    blocks = rng.integers(0, 256, size=(rows * cols // elements, block_bytes), dtype=np.uint8)
-    for offset in K_SCALE_OFFSETS[qtype]:
-        blocks[:, offset:offset + 2] = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
-    return blocks.reshape(rows, -1)
 
 
 def write_mix(source: str, path: str, base: Q) -> dict[Q, int]:
@@ -77,7 +67,7 @@ def write_mix(source: str, path: str, base: Q) -> dict[Q, int]:
             continue
         qtype = type_for(tensor.name, base, num_layers, values.shape[1], "output.weight" not in names)
         counts[qtype] = counts.get(qtype, 0) + values.size
-        writer.add_tensor(tensor.name, encode(values, qtype, rng), raw_dtype=qtype)
+        writer.add_tensor(tensor.name, encode_as(values, qtype, rng), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
