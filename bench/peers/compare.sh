@@ -13,15 +13,7 @@ REPRISE=(.venv/bin/python -m reprise.cli)   # this checkout's reprise, whatever 
 GGUF=$(.venv/bin/python -c 'from reprise.loader import default_model_path; print(default_model_path())')
 PORT=8199
 BENCH_FLAGS=(--scenario all --request-timeout 900)
-
-wait_ready() {   # until /v1/models answers, or the server died
-    for _ in $(seq 600); do
-        curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null && return 0
-        kill -0 "$1" 2>/dev/null || { echo "server exited; see $OUT/$2.log" >&2; return 1; }
-        sleep 1
-    done
-    return 1
-}
+source "$(dirname "$0")/../wait_ready.sh"
 
 vllm_bench() {   # label: vLLM's client, its prefix_repetition dataset (512 + 128 tokens), 4 in flight
     [ -n "${VLLM_PY:-}" ] || return 0
@@ -39,7 +31,7 @@ measure() {      # label, then the server command
     local label=$1; shift
     "$@" >"$OUT/$label.log" 2>&1 &
     local pid=$!
-    wait_ready "$pid" "$label"
+    wait_ready "http://127.0.0.1:$PORT/v1/models" "$pid" "$OUT/$label.log"
     sleep 5
     .venv/bin/python bench/peers/rss.py "$pid" >"$OUT/$label.rss-idle.json"
     "${REPRISE[@]}" bench serve --base-url "http://127.0.0.1:$PORT" --label "$label" "${BENCH_FLAGS[@]}" \

@@ -18,14 +18,7 @@ BENCH_FLAGS=(--scenario multiturn,prefix-repetition --request-timeout 900 --conv
              --num-prompts 12 --concurrency 3)
 PIDS=()
 
-wait_ready() {   # url, pid, log
-    for _ in $(seq 300); do
-        curl -sf "$1/health" >/dev/null && return 0
-        kill -0 "$2" 2>/dev/null || { echo "exited; see $3" >&2; return 1; }
-        sleep 1
-    done
-    return 1
-}
+source "$(dirname "$0")/../wait_ready.sh"
 
 start() {        # log name, then the command
     local name=$1; shift
@@ -48,10 +41,10 @@ measure() {      # label, policy, then extra replica flags
         replica_urls+=(--replica "http://127.0.0.1:$port")
     done
     for i in "${!REPLICAS[@]}"; do
-        wait_ready "http://127.0.0.1:${REPLICAS[$i]}" "${PIDS[$i]}" "$OUT/$label-replica-${REPLICAS[$i]}.log"
+        wait_ready "http://127.0.0.1:${REPLICAS[$i]}/health" "${PIDS[$i]}" "$OUT/$label-replica-${REPLICAS[$i]}.log"
     done
     start "$label-router" "${REPRISE[@]}" route --port $ROUTER --policy "$policy" --kv-store $STORE "${replica_urls[@]}"
-    wait_ready "http://127.0.0.1:$ROUTER" "${PIDS[-1]}" "$OUT/$label-router.log"
+    wait_ready "http://127.0.0.1:$ROUTER/health" "${PIDS[-1]}" "$OUT/$label-router.log"
     sleep 3      # two health checks: every replica in
     "${REPRISE[@]}" bench serve --base-url "http://127.0.0.1:$ROUTER" --label "$label" "${BENCH_FLAGS[@]}" \
         --out "$OUT/$label.json"
