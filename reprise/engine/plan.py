@@ -32,6 +32,11 @@ class Scheduled:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def draft_ids(self) -> tuple[int, ...]:
+        """Tokens to check against the model's own choice: none, except in a Verify."""
+        return ()
+
 
 @dataclass(frozen=True)
 class ScheduledChunk(Scheduled):

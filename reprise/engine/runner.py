@@ -115,27 +115,28 @@ class ModelRunner:
         """Runs one step; returns what was sampled for each chunk that samples, then each verify
         (1 to len(draft_ids) + 1 tokens), then each decode (one token each); and the prompt
         logprobs of the chunks of requests that asked for them."""
-        logits, sampling, prompt_logprobs = self.forward(plan)
-        sampled = self.sampler.sample(logits, [r for r, _ in sampling], [d for _, d in sampling])
+        logits, prompt_logprobs = self.forward(plan)
+        items = plan.sampling
+        sampled = self.sampler.sample(logits, [item.request_id for item in items], [item.draft_ids for item in items])
         return sampled, prompt_logprobs
 
     @torch.inference_mode()
-    def forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[tuple[str, tuple[int, ...]]], list[PromptLogprobs]]:
-        """Float32 logits, one row per sampling position, and (request id, draft_ids) of the requests
-        they belong to, in plan order: a verify has 1 + len(draft_ids) rows, the others one. Then
-        the prompt logprobs of chunks whose request asked for them."""
+    def forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[PromptLogprobs]]:
+        """Float32 logits, one row per sampling position of `plan.sampling`'s items, in order (a verify
+        has 1 + len(draft_ids) rows, the others one); then the prompt logprobs of chunks whose request
+        asked for them."""
         self._update_tables(plan)
         self.copy_blocks(plan.copies)
         self._copy_states(plan.state_copies)
         self._reset_states(plan)
-        input_ids, positions, batch, logits_indices, sampling = self._prepare(plan)
+        input_ids, positions, batch, logits_indices = self._prepare(plan)
         num_sampling = len(logits_indices)
         scored, rows = self._scored_prompt_rows(plan)
         if scored:
             logits_indices = torch.cat([logits_indices, rows])
         logits = self.model(input_ids, positions, self.caches, batch, logits_indices)
         self._copy_states(plan.state_snapshots)
-        return logits[:num_sampling], sampling, self._prompt_logprobs(logits[num_sampling:], scored)
+        return logits[:num_sampling], self._prompt_logprobs(logits[num_sampling:], scored)
 
     def _update_tables(self, plan: StepPlan) -> None:
         """Forgets dropped requests, then brings each scheduled one's block table up to date."""
@@ -195,28 +196,25 @@ class ModelRunner:
                 states[:, slots] = 0
 
     def _prepare(self, plan: StepPlan):
-        ids, positions, logits_indices, sampling = [], [], [], []
+        ids, positions, logits_indices = [], [], []
         for item in plan.prefills:
             ids.extend(item.token_ids)
             positions.extend(range(item.start, item.start + item.num_tokens))
             if item.samples:
                 logits_indices.append(len(ids) - 1)
-                sampling.append((item.request_id, ()))
         for verify in plan.verifies:
             ids.extend(verify.token_ids)
             positions.extend(range(verify.start, verify.start + verify.num_tokens))
             logits_indices.extend(range(len(ids) - verify.num_tokens, len(ids)))
-            sampling.append((verify.request_id, verify.draft_ids))
         num_chunked = len(ids)
         for item in plan.decodes:
             ids.extend(item.token_ids)
             positions.append(item.start)
             logits_indices.append(len(ids) - 1)
-            sampling.append((item.request_id, ()))
         batch = self._batch(plan, num_chunked)
         to = dict(dtype=torch.long, device=self.device)
         return (torch.tensor(ids, **to), torch.tensor(positions, **to), batch,
-                torch.tensor(logits_indices, **to), sampling)
+                torch.tensor(logits_indices, **to))
 
     def _batch(self, plan: StepPlan, num_chunked: int) -> ForwardBatch:
         full = sliding = recurrent = None
