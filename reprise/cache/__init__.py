@@ -5,7 +5,8 @@ Pure bookkeeping: no tensors, no model code, nothing imported from reprise.engin
 from reprise.cache.block_pool import BlockPool
 from reprise.cache.index import IndexMatch, Insertion, NullIndex, PrefixIndex, Stop
 from reprise.cache.layout import CacheLayout, LayerKind
-from reprise.cache.manager import CacheManager, CacheStats, Match, MissReason, PartialBlock, SeqCache
+from reprise.cache.manager import CacheManager
+from reprise.cache.match import CacheStats, Match, MissReason, PartialBlock, SeqCache
 from reprise.cache.radix import Node, RadixIndex
 
 __all__ = [

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from reprise.cache.manager import CacheManager, CacheStats, Match
+from reprise.cache.manager import CacheManager
+from reprise.cache.match import CacheStats, Match
 from reprise.config import EngineConfig, format_bytes
 from reprise.engine.detokenize import IncrementalDetokenizer
 from reprise.chat.grammar import Grammars

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from reprise.chat.spec import GuidedSpec
 
 if TYPE_CHECKING:
-    from reprise.cache.manager import MissReason, SeqCache
+    from reprise.cache.match import MissReason, SeqCache
 
 MAX_LOGPROBS = 20
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from reprise.cache.manager import CacheManager, Match, MissReason
+from reprise.cache.manager import CacheManager
+from reprise.cache.match import Match, MissReason
 from reprise.engine.request import FinishReason, Request, RequestStatus
 from reprise.engine.plan import StepPlan, Verify
 from reprise.engine.plan_writer import Chunk, Drafted, PlanWriter

@@ -39,7 +39,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from reprise.cache.manager import CacheManager, Match, MissReason, SeqCache
+from reprise.cache.manager import CacheManager
+from reprise.cache.match import Match, MissReason, SeqCache
 from reprise.cache.tiers import Tier
 from reprise.cache.tiers.keys import block_keys, namespace, state_key
 from reprise.engine.request import Request, RequestStatus

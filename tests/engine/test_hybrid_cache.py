@@ -12,7 +12,7 @@ import pytest
 import transformers
 
 from reprise import LLM, SamplingParams
-from reprise.cache.manager import MissReason
+from reprise.cache.match import MissReason
 from reprise.engine.request import Request
 from tests.models.test_hybrid_logits import CASES, tiny_model
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 
 from reprise import ChatSession, SamplingParams
-from reprise.cache.manager import MissReason
+from reprise.cache.match import MissReason
 from reprise.engine.scheduler import common_prefix_length
 from tests.conftest import GREEDY, prompt_ids, words
 

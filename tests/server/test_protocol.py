@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from reprise.cache.manager import CacheStats, MissReason
+from reprise.cache.match import CacheStats, MissReason
 from reprise.engine.engine import EngineStats
 from reprise.engine.request import FinishReason, RequestOutput
 from reprise.server.errors import APIError, error_body, validation_message

@@ -1,7 +1,7 @@
 """/metrics and cache_report with a tier, from made-up engine stats (no weights)."""
 from __future__ import annotations
 
-from reprise.cache.manager import CacheStats
+from reprise.cache.match import CacheStats
 from reprise.cache.tiers import TierStats
 from reprise.engine.engine import EngineStats
 from reprise.engine.request import FinishReason, RequestOutput
