@@ -14,10 +14,10 @@ from reprise.cli import main
 from tests.server.helpers import launch
 
 VICTIM, ATTACKER = "audit-victim-key", "audit-attacker-key"
-# the default model on this CPU: a 500-word prompt (~515 tokens) prefills in hundreds of ms, a hit in
-# tens; the pool holds every prompt of one test (~3 x 10 x 515 tokens), so no planted prompt is evicted
+# the default model on this CPU: a 300-word prompt (~310 tokens) prefills in hundreds of ms, a hit in
+# tens; the pool holds every prompt of one test (~3 x 10 x 310 tokens), so no planted prompt is evicted
 FLAGS = ["--kv-cache-bytes", "512MiB", "--api-key", VICTIM, "--api-key", ATTACKER]
-PROBES, WORDS, ALPHA = 10, 500, 0.001
+PROBES, WORDS, ALPHA = 10, 300, 0.001
 
 
 def test_ks_and_mann_whitney_match_hand_computed_values():
