@@ -3,8 +3,9 @@ block table and positions, and read by every attention layer of its kind.
 
 A sequence's earlier keys are cut into segments at fixed positions (multiples of SEGMENT_TOKENS),
 never where its blocks happen to lie in the pool: a segment whose blocks are consecutive is read in
-place, another is gathered, and both give the same arithmetic, so a run resumed from the prefix
-cache attends exactly as a cold run whatever blocks each got.
+place (per KV head, one contiguous run of the heads-outermost pool), another is gathered, and both
+give the same arithmetic, so a run resumed from the prefix cache attends exactly as a cold run
+whatever blocks each got.
 """
 from __future__ import annotations
 

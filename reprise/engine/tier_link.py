@@ -3,8 +3,10 @@ scheduling state, KV events to observers.
 
 Write-through on commit, asynchronous: when a sequence commits whole blocks to the memory index
 (`CacheManager.commit`/`release`, see `IndexListener`), their KV (every attention layer: one block
-is [layers, 2, block_size, kv_heads, head_dim] in the compute dtype) is gathered on the engine
-thread into one CPU tensor and each (key, payload) queued to every tier that lacks it; a tier's
+is [layers, 2, block_size, kv_heads, head_dim] in the compute dtype: the pool's layout before it
+put heads outermost, kept by permuting on the way out and in, so `kv_layout_string` still says what
+the bytes mean and entries written before still load) is gathered on the engine thread into one
+CPU tensor and each (key, payload) queued to every tier that lacks it; a tier's
 bounded queue drops (and counts) what it cannot take, so a step never waits on I/O. Eviction from
 the pool then costs nothing, and a kill -9 loses at most the writes in flight.
 
@@ -131,7 +133,9 @@ class TierLink:
 
     def _write(self, held: dict[str, int], keys: list[bytes], blocks: list[int], first: int) -> None:
         ids = torch.tensor(blocks, device=self.kv.device)
-        payload = self.kv[:, :, ids].permute(2, 0, 1, 3, 4, 5).contiguous().cpu()
+        # pool [layers, 2, kv_heads, blocks, block_size, dim] -> the payload's own byte format,
+        # [blocks, layers, 2, block_size, kv_heads, dim] (module docstring)
+        payload = self.kv[:, :, :, ids].permute(3, 0, 1, 4, 2, 5).contiguous().cpu()
         rows = payload.reshape(len(blocks), -1).view(torch.uint8).numpy()
         entries = [(key, memoryview(rows[j])) for j, key in enumerate(keys)]
         for tier in self.tiers:
@@ -248,7 +252,8 @@ class TierLink:
             num_loaded = 0 if load.state is None else load.state[0] - load.first
         if num_loaded:
             ids = torch.tensor(load.seq.block_table[load.first:load.first + num_loaded], device=self.kv.device)
-            self.kv[:, :, ids] = load.payload[:num_loaded].permute(1, 2, 0, 3, 4, 5).to(self.kv.device)
+            # back from the payload's format into the heads-outermost pool
+            self.kv[:, :, :, ids] = load.payload[:num_loaded].permute(1, 2, 4, 0, 3, 5).to(self.kv.device)
         if num_loaded and self.states:
             self._restore_state(load.seq, load.state[1])
         end = max(load.memory_tokens, (load.first + num_loaded) * size)
@@ -297,7 +302,8 @@ class TierLink:
         """The leading run of `load.keys` whose entries are present and sound, as one tensor. Reads
         LOAD_BATCH keys a round, split over LOAD_THREADS `tier.load` calls at once (one MGET each
         for a shared store)."""
-        shape = (self.kv.shape[0], 2, *self.kv.shape[3:])
+        layers, _, kv_heads, _, block_size, head_dim = self.kv.shape
+        shape = (layers, 2, block_size, kv_heads, head_dim)
         payload = torch.empty((len(load.keys), *shape), dtype=self.kv.dtype)
         rows = payload.view(len(load.keys), -1).view(torch.uint8).numpy()
         num_loaded = 0

@@ -2,7 +2,8 @@
 
 Every model is called as `model(input_ids, positions, caches, batch, logits_indices)`, owns its RoPE,
 and declares `model.cache_layout` (what each layer keeps between steps). `caches[i]` is layer i's
-(k_cache, v_cache) for attention layers, or its state tensors (see `state_specs`) for recurrent ones.
+(k_cache, v_cache) for attention layers (each [kv_heads, num_blocks, block_size, head_dim]: see
+layers/attention.py), or its state tensors (see `state_specs`) for recurrent ones.
 """
 from __future__ import annotations
 

@@ -8,9 +8,11 @@ read and write a state slot per sequence.
     attention: A: prefix segments + its own K/V (causal)    decode: padded block tables, per length group
     recurrent: A: state slot_a                               decode: decode_slots[b]
 
-Segments read the KV cache in place wherever a sequence's blocks follow each other in the pool. A
-sliding layer's keys start where its window does; where the window hides some of a chunk's keys
-from some of its queries, that chunk takes the masked path (WindowedKeys).
+Segments read the KV cache in place wherever a sequence's blocks follow each other in the pool: a
+layer's cache is heads outermost ([kv_heads, num_blocks * block_size, head_dim] viewed by flat
+slot), so such a run of slots is one contiguous stretch of keys per head. A sliding layer's keys
+start where its window does; where the window hides some of a chunk's keys from some of its
+queries, that chunk takes the masked path (WindowedKeys).
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ import torch
 @dataclass(frozen=True)
 class KeySegment:
     """Keys (and values) of consecutive positions of one sequence, `length` of them: flat cache slots
-    [start, start + length) read in place when `slots` is None (their blocks follow each other in
-    the pool), else gathered from `slots`. The attention over a segment does the same arithmetic
+    [start, start + length) of every KV head, read in place when `slots` is None (their blocks
+    follow each other in the pool), else gathered from `slots`. The attention over a segment does the same arithmetic
     either way: only where a segment is cut (see metadata.py) changes the numerics."""
 
     length: int
@@ -62,8 +64,9 @@ class PaddedDecode:
     #                                     block id; None when read in place
     mask: torch.Tensor           # [num_seqs, 1, 1, max_blocks * block_size] additive (0 / -inf)
     start: int | None = None     # flat slot of the first key, when read in place
-    # the gathered keys and values, one buffer pair per shape reused by every layer of the step: a
-    # fresh multi-MiB tensor per layer costs its page faults each time
+    # the gathered keys and values, one buffer pair per shape reused by every layer of the step (a
+    # fresh multi-MiB tensor per layer costs its page faults each time), and the cache rows they
+    # come from (attention.py's _gather_padded)
     scratch: dict = field(default_factory=dict, compare=False)
 
 
