@@ -48,14 +48,22 @@ def test_kernel_error_is_that_of_bfloat16_weights(qtype):
 
 @pytest.mark.parametrize("qtype", NATIVE, ids=lambda q: q.name)
 def test_prefill_rows_unpack_to_the_bfloat16_weight(qtype):
-    """From DENSE_FROM_ROWS rows on, W is unpacked for a dense matmul: the weight it unpacks is the
-    dequantized one with the kernel's bfloat16 scales, within bfloat16's rounding of each weight."""
+    """From DENSE_FROM_ROWS rows on, W is unpacked for a dense matmul: bit for bit the packing's float32
+    q s + (z - 8 s) with the kernel's bfloat16 scales and zeros, collapsed, rounded once to bfloat16 (so no
+    output moves with how it is unpacked), and within bfloat16's rounding of the dequantized weight."""
     weight = quantized(qtype)
-    layer = QuantizedLinear(weight)
+    layer, packing = QuantizedLinear(weight), pack(weight)
+    scales, zeros = packing.scales.bfloat16().float(), packing.zeros.bfloat16().float()
+    levels = packing.levels.view(64, -1, GROUP).float()
+    values = torch.addcmul((zeros - 8 * scales)[..., None], levels, scales[..., None])
+    expected = collapse(values.view(64, -1), packing.chunk, packing.coefs).bfloat16()
     reference = weight.dequantize()
     assert layer.dense_ok
-    assert torch.allclose(layer.dense(), reference, rtol=2 ** -7, atol=2 ** -7 * reference.abs().max().item())
+    assert torch.equal(layer.unpack().t().view(torch.int16), expected.view(torch.int16))
+    assert torch.allclose(layer.unpack().t().float(), reference, rtol=2 ** -7,
+                          atol=2 ** -7 * reference.abs().max().item())
     x = torch.randn(DENSE_FROM_ROWS, weight.shape[1], generator=torch.Generator().manual_seed(1)).bfloat16()
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, expected))
     exact = x.float() @ reference.t()
     dense_error = (torch.nn.functional.linear(x, reference.bfloat16()).float() - exact).abs().max()
     assert (layer(x).float() - exact).abs().max() <= 2 * dense_error + 1e-3

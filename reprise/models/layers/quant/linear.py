@@ -14,7 +14,6 @@ from functools import lru_cache
 import gguf
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from reprise.models.layers.quant.formats import (GROUP, NATIVE_TYPES, SIXTEEN_TYPES, GGMLTensor, Packing, collapse,
@@ -23,11 +22,12 @@ from reprise.models.layers.quant.sixteen import pack_sixteen
 
 _PACK_ROWS = 4096           # rows packed at a time, bounding the int32 scratch; packing is row-local
 _ROW_BLOCK = 64             # rows the CPU packing interleaves
-# rows from which unpacking W for a dense matmul beats the kernel (crossover measured near 128 for
-# 576 x 1536 weights on 2 cores: kernel 0.70 ms at 64 rows, 5.4 ms at 512; unpack 0.8 ms + dense 2.2 ms)
-DENSE_FROM_ROWS = 128
-_DENSE_TILE = 2048
-_LOW_NIBBLES = 0x0F0F0F0F          # weight rows unpacked at a time for a dense matmul, bounding the scratch
+# rows from which unpacking W for a dense matmul beats the kernel, measured on 2 cores per shape of the
+# default model (ms, kernel / unpack + dense): 3072 x 576 at 80 rows 1.72 / 1.75, at 96 2.04 / 1.90;
+# 576 x 1536 at 96 1.10 / 1.04; 960 x 576 at 112 0.73 / 0.64; 576 x 576 at 128 0.51 / 0.49. Summed over
+# a layer's four, the two paths tie near 96 rows (4.29 / 4.22 ms).
+DENSE_FROM_ROWS = 96
+_DENSE_TILE = 2048          # weight rows unpacked at a time for a dense matmul, bounding the scratch
 
 
 def pack(weight: GGMLTensor) -> Packing:
@@ -47,7 +47,7 @@ class QuantizedLinear(nn.Module):
     as its int16 bits so that `Module.to(dtype)` leaves it alone. Inputs enter as `expand` lays them
     out, with `chunk` and `coefs` from the packing. A call with at least DENSE_FROM_ROWS rows (a prefill
     chunk) unpacks W to bfloat16 for that call and runs a dense matmul: the kernel unpacks the weight
-    again for every few rows, and at 512 rows it is 2.5x slower than one unpacking plus a dense matmul.
+    again for every few rows, and at 512 rows it is 1.8x slower than one unpacking plus a dense matmul.
     """
 
     def __init__(self, weight: GGMLTensor, bias: nn.Parameter | None = None):
@@ -71,7 +71,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if self.dense_ok and flat.shape[0] >= DENSE_FROM_ROWS:
-            tiles = [F.linear(flat, self.dense(start, start + _DENSE_TILE).to(torch.bfloat16))
+            tiles = [flat @ self.unpack(start, start + _DENSE_TILE)
                      for start in range(0, self.out_features, _DENSE_TILE)]
             out = tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
         else:
@@ -82,19 +82,27 @@ class QuantizedLinear(nn.Module):
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def dense(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows [start, stop) of W as float32 (start a multiple of 64): the kernel packs each 64 rows as
-        [positions, 32] bytes, row j of a block in column j % 32, low nibble for j < 32 (checked by
-        `_packing_is_row_blocked`)."""
+    def unpack(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of W (start a multiple of 64), transposed: bfloat16 [in_features, stop - start],
+        bit for bit `_weights` rounded to bfloat16. The kernel packs each 64 rows as [positions, 32] bytes,
+        row j of a block in column j % 32, low nibble for j < 32 (checked by `_packing_is_row_blocked`): W^T
+        is those bytes' nibbles with blocks and positions swapped, moved in runs of 32 bytes, and every float32
+        pass after that runs over contiguous memory, a group's scale and offset broadcast along its positions.
+        The matmul takes W^T as it takes W, bit for bit."""
         stop = min(self.out_features if stop is None else stop, self.out_features)
         packed = self.packed.view(-1, self.num_positions, _ROW_BLOCK // 2)[start // _ROW_BLOCK:stop // _ROW_BLOCK]
-        words = packed.view(torch.int32)                  # nibbles split 4 bytes at a time
-        low, high = (words & _LOW_NIBBLES).view(torch.uint8), ((words >> 4) & _LOW_NIBBLES).view(torch.uint8)
-        levels = torch.stack([low, high], dim=1).transpose(2, 3).reshape(stop - start, -1)
-        return self._weights(levels, self.scales_zeros.view(torch.bfloat16)[:, start:stop])
+        levels = torch.empty(self.num_positions, len(packed), 2, _ROW_BLOCK // 2, dtype=torch.uint8)
+        levels[:, :, 0] = (packed & 15).transpose(0, 1)
+        levels[:, :, 1] = (packed >> 4).transpose(0, 1)
+        scales_zeros = self.scales_zeros.view(torch.bfloat16)[:, start:stop].float()
+        scales = scales_zeros[..., 0].contiguous()
+        offsets = torch.add(scales_zeros[..., 1], scales, alpha=-8)
+        values = levels.view(-1, GROUP, stop - start).float().mul_(scales[:, None]).add_(offsets[:, None])
+        return collapse(values.view(self.num_positions, -1).t(), self.chunk, self.coefs).t().to(torch.bfloat16)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` of W (float32 [len(ids), in_features]), read from the packed operands as `dense`."""
+        """Rows `ids` of W (float32 [len(ids), in_features]), read from the packed operands as `unpack` reads
+        them."""
         blocks, within = ids // _ROW_BLOCK, ids % _ROW_BLOCK
         packed = self.packed.view(-1, self.num_positions, _ROW_BLOCK // 2)[blocks, :, within % (_ROW_BLOCK // 2)]
         levels = torch.where((within >= _ROW_BLOCK // 2)[:, None], packed >> 4, packed & 15)
