@@ -41,3 +41,30 @@ def test_eight_concurrent_streams_deltas_add_up_to_the_final_output(llm):
             assert [entry.token_id for entry in final.logprobs] == final.token_ids
         else:
             assert all(output.delta_logprobs is None for output in outputs) and final.logprobs is None
+
+
+def test_a_burst_after_idle_starts_in_one_step(llm):
+    """Requests queued a little apart while the engine is idle all run in its first step: when
+    the first stream gets its first token, every other stream has its own already (they come in
+    one delivery), and each stream's tokens are those it gets alone."""
+    prompts = [prompt_ids(llm, f"async-burst-{n}", 16) for n in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    alone = [llm.generate([prompt], params)[0].token_ids for prompt in prompts]
+    async_engine = AsyncEngine(llm.engine, admission_quiet_s=0.2)
+
+    async def burst() -> tuple[list[bool], list[list[int]]]:
+        streams = []
+        for prompt in prompts:
+            streams.append(async_engine.generate(prompt, params))
+            await asyncio.sleep(0.01)       # well inside the quiet period
+        first = await anext(streams[0])
+        ready = [not stream.outputs.empty() for stream in streams[1:]]
+        rest = [[output async for output in stream] for stream in streams]
+        return ready, [(first.delta_token_ids if n == 0 else []) + sum((o.delta_token_ids for o in outputs), [])
+                       for n, outputs in enumerate(rest)]
+    try:
+        ready, token_ids = asyncio.run(burst())
+    finally:
+        async_engine.shutdown(timeout=30)
+    assert ready == [True, True, True]
+    assert token_ids == alone
