@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from reprise.cache.layout import LayerKind
+from reprise.engine.distributions import token_logprobs
 from reprise.engine.plan import ScheduledChunk, StepPlan
 from reprise.engine.request import Sampled, TokenLogprob
-from reprise.engine.sampler import Sampler, token_logprobs
+from reprise.engine.sampler import Sampler
 from reprise.models import state_specs
 from reprise.models.config import ModelConfig, cache_layout
 from reprise.engine.metadata import SeqRows, attention_batch, slot_mapping

@@ -10,7 +10,8 @@ import torch
 from reprise.chat.grammar import Grammars
 from reprise.chat.spec import GuidedSpec
 from reprise.engine.request import SamplingParams
-from reprise.engine.sampler import Sampler, filtered_probs, token_logprobs
+from reprise.engine.distributions import filtered_probs, token_logprobs
+from reprise.engine.sampler import Sampler
 
 VOCAB, EOS = 8, 0
 CPU = torch.device("cpu")

@@ -10,7 +10,8 @@ import torch
 
 from reprise import LLM, SamplingParams
 from reprise.engine.request import FinishReason
-from reprise.engine.sampler import Sampler, accept_greedy, accept_or_resample
+from reprise.engine.distributions import accept_greedy, accept_or_resample
+from reprise.engine.sampler import Sampler
 from reprise.engine.speculative import NgramDrafter
 from reprise.chat.continuity import ReplyMemory, chat_prompt_ids
 from tests.conftest import prompt_ids
