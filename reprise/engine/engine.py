@@ -14,10 +14,11 @@ from reprise.config import EngineConfig, format_bytes
 from reprise.engine.detokenize import IncrementalDetokenizer
 from reprise.chat.grammar import Grammars
 from reprise.engine.request import FinishReason, Request, RequestOutput, RequestStatus, Sampled, SamplingParams
-from reprise.engine.runner import ModelRunner, PromptLogprobs, default_dtype, kv_bytes_per_block, state_bytes_per_slot
+from reprise.engine.runner import ModelRunner, PromptLogprobs, kv_bytes_per_block, state_bytes_per_slot
 from reprise.engine.sampler import Sampler
 from reprise.engine.scheduler import Scheduler
 from reprise.engine.speculative import SPECULATIVE_METHODS, NgramDrafter
+from reprise.engine.startup import default_kv_bytes, resolve_dtype, resolve_weights
 from reprise.engine.tier_link import TierLink
 from reprise.engine.tiers import build_observers, build_tiers, fingerprint, kv_layout_string, replica_id, wants_keys
 from reprise.loader import load_model
@@ -26,11 +27,6 @@ from reprise.models.layers.quant import weights_bytes
 
 log = logging.getLogger("reprise")
 
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-           "float32": torch.float32, "fp32": torch.float32}
-_DENSE_WEIGHTS = ("bfloat16", "float32")      # --weights choices that dequantize at load (into that compute dtype)
-DEFAULT_KV_FRACTION = 0.2       # of available memory, when --kv-cache-bytes is not given
-DEFAULT_KV_CAP = 4 * 2**30
 STATE_FRACTION = 4              # hybrid models: recurrent-state slots get up to 1/4 of --kv-cache-bytes
 
 
@@ -55,44 +51,11 @@ class EngineStats:
     tiers: tuple = ()                # (name, TierStats, prompt tokens looked up, prompt tokens reused) per tier
 
 
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    if name is None:
-        return default_dtype(device)
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r} (use one of bfloat16, float16, float32)")
-    return _DTYPES[name]
-
-
-def resolve_weights(weights: str | None, dtype: str | None, compute_dtype: torch.dtype, is_gguf: bool,
-                    device: torch.device) -> bool:
-    """Whether GGUF weights stay quantized. The default is yes when the compute dtype is bfloat16 (the
-    kernels round activations to it); "native" asks for it in any dtype. The int4 kernels are CPU ones:
-    elsewhere, and for model directories, "native" means the stored floats in the compute dtype. A dense
-    choice is the compute dtype too, so it cannot contradict --dtype."""
-    if weights not in (None, "native", *_DENSE_WEIGHTS):
-        raise ValueError(f"unknown weights {weights!r} (use one of native, bfloat16, float32)")
-    if weights in _DENSE_WEIGHTS and dtype is not None and _DTYPES.get(dtype) != _DTYPES[weights]:
-        raise ValueError(f"weights={weights} with dtype={dtype}: dequantized weights are kept in the compute dtype")
-    wanted = weights == "native" or (weights is None and compute_dtype == torch.bfloat16)
-    return wanted and is_gguf and device.type == "cpu"
-
-
-def default_kv_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        available = int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        available = 8 * 2**30
-    return min(int(available * DEFAULT_KV_FRACTION), DEFAULT_KV_CAP)
-
-
 class Engine:
     def __init__(self, config: EngineConfig = EngineConfig()):
         self.config = config
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dense = config.weights if config.weights in _DENSE_WEIGHTS else None
-        self.dtype = resolve_dtype(config.dtype or dense, self.device)
+        self.dtype = resolve_dtype(config.dtype, config.weights, self.device)
         loaded = load_model(config.model)
         self.model_config, self.tokenizer, self.model_path = loaded.config, loaded.tokenizer, loaded.path
         self.native_weights = resolve_weights(config.weights, config.dtype, self.dtype, loaded.is_gguf, self.device)

@@ -9,7 +9,8 @@ from gguf import GGMLQuantizationType as Q
 
 from reprise import LLM, SamplingParams
 from reprise.config import EngineConfig
-from reprise.engine.engine import Engine, resolve_weights
+from reprise.engine.engine import Engine
+from reprise.engine.startup import resolve_weights
 from reprise.models.layers.quant import (DENSE_FROM_ROWS, GROUP, NATIVE_TYPES, GGMLTensor, QuantizedEmbedding,
                                          QuantizedLinear, SharedEmbedding, StackedLinear, pack)
 from reprise.models.layers.quant.formats import collapse
