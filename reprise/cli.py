@@ -27,8 +27,9 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None, help="context length cap")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="decode through torch.compile, kernels cached in ~/.cache/reprise/inductor or "
-                             "$TORCHINDUCTOR_CACHE_DIR (docs/compile.md; default: off)")
+                        help="decode through one torch.compile graph, built at start-up and cached in "
+                             "~/.cache/reprise/inductor or $TORCHINDUCTOR_CACHE_DIR (docs/compile.md; "
+                             "default: on for serve, off otherwise)")
     parser.add_argument("--checkpoint-interval", type=int, default=1024,
                         help="hybrid models: tokens between recurrent-state checkpoints in the prefix cache")
     parser.add_argument("--max-pinned-fraction", type=float, default=0.5,
@@ -120,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_flags(serve)
     from reprise.server.config import add_serve_flags
     add_serve_flags(serve)
-    serve.set_defaults(run=_serve)
+    # a server lives long enough to repay the compile (cached after the first start)
+    serve.set_defaults(run=_serve, compile=True)
 
     generate = commands.add_parser("generate", help="complete one prompt")
     _engine_flags(generate)

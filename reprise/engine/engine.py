@@ -94,6 +94,10 @@ class Engine:
                                   self.device, self.dtype, sampler, num_state_slots)
         if self.tiers is not None:
             self.tiers.kv, self.tiers.states = self.runner.kv, self.runner.states
+        if config.compile and not layout.has_recurrent:
+            start = time.perf_counter()
+            self.runner.warm_up()
+            log.info("decode graph ready in %.1f s (docs/compile.md)", time.perf_counter() - start)
         self.kv_pool_bytes = self.runner.kv.nbytes + sum(states.nbytes for states in self.runner.states)
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}

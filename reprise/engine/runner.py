@@ -19,7 +19,7 @@ from reprise.engine.sampler import Sampler
 from reprise.models import state_specs
 from reprise.models.config import ModelConfig, cache_layout
 from reprise.engine.metadata import SeqRows, attention_batch, slot_mapping
-from reprise.models.layers.batch import ForwardBatch, RecurrentBatch, RecurrentChunk
+from reprise.models.layers.batch import AttentionBatch, ForwardBatch, RecurrentBatch, RecurrentChunk
 
 
 @dataclass(frozen=True)
@@ -222,18 +222,32 @@ class ModelRunner:
     def _batch(self, plan: StepPlan, num_chunked: int) -> ForwardBatch:
         full = sliding = recurrent = None
         if self.kinds - {LayerKind.RECURRENT}:
-            rows = self._rows(plan)
-            slots = slot_mapping(rows, self.block_size).to(self.device)
-            batch = lambda window: attention_batch(rows, slots, self.block_size, window, self.device, self.dtype)
-            if LayerKind.FULL in self.kinds or self.window is None:
-                full = batch(None)
-            if LayerKind.SLIDING in self.kinds:
-                sliding = full if self.window is None else batch(self.window)
+            full, sliding = self._attention(self._rows(plan))
         if LayerKind.RECURRENT in self.kinds:
             if plan.verifies:
                 raise ValueError("a recurrent layer cannot roll back the state of rejected draft tokens")
             recurrent = self._recurrent_batch(plan, num_chunked)
         return ForwardBatch(full, sliding, recurrent)
+
+    def _attention(self, rows: list[SeqRows]) -> tuple[AttentionBatch | None, AttentionBatch | None]:
+        """The full and sliding attention metadata of these rows (None for a kind the model lacks)."""
+        slots = slot_mapping(rows, self.block_size).to(self.device)
+        batch = lambda window: attention_batch(rows, slots, self.block_size, window, self.device, self.dtype)
+        full = batch(None) if LayerKind.FULL in self.kinds or self.window is None else None
+        sliding = None
+        if LayerKind.SLIDING in self.kinds:
+            sliding = full if self.window is None else batch(self.window)
+        return full, sliding
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Decodes one token through the model, so that a compiled decode graph (layers/compiled.py:
+        one for every batch size) is built, or loaded from the kernel cache, before the first
+        request. Attention-only models; it writes one slot of block 0, which holds nothing yet, and
+        samples nothing."""
+        rows = [SeqRows("warm-up", [0], 0, 1, False)]
+        token = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.model(token, token, self.caches, ForwardBatch(*self._attention(rows), None), token)
 
     def _rows(self, plan: StepPlan) -> list[SeqRows]:
         """Each sequence's tokens in batch order: prefill chunks, verifies (chunks too), decodes."""

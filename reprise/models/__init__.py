@@ -17,8 +17,8 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "qwen3_5", "gem
 
 
 def build_model(config: ModelConfig, compile: bool = False) -> nn.Module:
-    """`compile`: decode rows through torch.compile (layers/compiled.py); the Llama family only, the
-    others run eagerly."""
+    """`compile`: decode rows through one compiled graph (layers/compiled.py); the Llama family only,
+    the others run eagerly."""
     if config.architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {config.architecture!r} "
                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
@@ -28,9 +28,8 @@ def build_model(config: ModelConfig, compile: bool = False) -> nn.Module:
     if config.architecture == "gemma3":
         from reprise.models.gemma3 import Gemma3ForCausalLM
         return Gemma3ForCausalLM(config)
-    from reprise.models.layers.compiled import DenseSteps
     from reprise.models.llama import LlamaForCausalLM
-    return LlamaForCausalLM(config, DenseSteps(compile))
+    return LlamaForCausalLM(config, compile)
 
 
 def state_specs(config: ModelConfig) -> tuple[StateSpec, ...]:

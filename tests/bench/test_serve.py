@@ -41,7 +41,7 @@ def reprise_server(*flags: str) -> Iterator[str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "reprise.cli", "serve", "--port", str(port), "--dtype", "float32",
+    command = [sys.executable, "-m", "reprise.cli", "serve", "--port", str(port), "--dtype", "float32", "--no-compile",
                "--kv-cache-bytes", "256MiB", "--api-key", API_KEY, *flags]
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)

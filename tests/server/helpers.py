@@ -32,9 +32,14 @@ class Running:
 @contextlib.contextmanager
 def launch(flags: list[str], subcommand: str = "serve", ready=lambda health: True) -> Iterator[Running]:
     """`reprise SUBCOMMAND FLAGS` (serve, route) on a free 127.0.0.1 port, on entry healthy with a
-    /health body that `ready` accepts, stopped on exit."""
+    /health body that `ready` accepts, stopped on exit. A server runs with --no-compile unless FLAGS
+    say --compile."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    if subcommand == "serve" and "--compile" not in flags:
+        # servers here decode eagerly: the compiled graph costs ~20 s a start, and
+        # tests/engine/test_compiled.py covers it
+        flags = [*flags, "--no-compile"]
     command = [sys.executable, "-m", "reprise.cli", subcommand, "--port", str(port), *flags]
     with tempfile.TemporaryDirectory() as directory:
         log_path = Path(directory) / f"{subcommand}.log"

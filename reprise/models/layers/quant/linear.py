@@ -70,7 +70,8 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if self.dense_ok and flat.shape[0] >= DENSE_FROM_ROWS:
+        # the compiled decode graph (layers/compiled.py) holds decode rows only, however many
+        if self.dense_ok and not torch.compiler.is_compiling() and flat.shape[0] >= DENSE_FROM_ROWS:
             tiles = [flat @ self.unpack(start, start + _DENSE_TILE)
                      for start in range(0, self.out_features, _DENSE_TILE)]
             out = tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
