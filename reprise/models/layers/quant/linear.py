@@ -18,6 +18,7 @@ from torch import nn
 
 from reprise.models.layers.quant.formats import (GROUP, NATIVE_TYPES, SIXTEEN_TYPES, GGMLTensor, Packing, collapse,
                                                  expand, pack_thirty_two)
+from reprise.models.layers.quant.kernel import int4_kernel_loaded
 from reprise.models.layers.quant.sixteen import pack_sixteen
 
 _PACK_ROWS = 4096           # rows packed at a time, bounding the int32 scratch; packing is row-local
@@ -66,6 +67,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("packed", torch.cat(packed))
         self.register_buffer("scales_zeros", torch.cat(scales_zeros, dim=1).contiguous().view(torch.int16))
         self.dense_ok = self.out_features % _ROW_BLOCK == 0 and _packing_is_row_blocked()
+        self.own_kernel = self.dense_ok and int4_kernel_loaded()
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,6 +76,9 @@ class QuantizedLinear(nn.Module):
             tiles = [flat @ self.unpack(start, start + _DENSE_TILE)
                      for start in range(0, self.out_features, _DENSE_TILE)]
             out = tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
+        elif self.own_kernel:
+            out = torch.ops.reprise.int4_mm(expand(flat, self.chunk, self.coefs).contiguous(), self.packed,
+                                            self.scales_zeros)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(expand(flat, self.chunk, self.coefs), self.packed,
                                                               GROUP, self.scales_zeros.view(torch.bfloat16))
