@@ -11,7 +11,7 @@ from reprise import LLM, SamplingParams
 from reprise.config import EngineConfig
 from reprise.engine.engine import Engine
 from reprise.engine.startup import resolve_weights
-from reprise.models.layers.quant import (DENSE_FROM_ROWS, GROUP, NATIVE_TYPES, GGMLTensor, QuantizedEmbedding,
+from reprise.models.layers.quant import (GROUP, NATIVE_TYPES, GGMLTensor, QuantizedEmbedding,
                                          QuantizedLinear, SharedEmbedding, StackedLinear, pack)
 from reprise.models.layers.quant.formats import collapse, expand
 from reprise.models.layers.quant.kernel import int4_kernel_loaded
@@ -50,7 +50,7 @@ def test_kernel_error_is_that_of_bfloat16_weights(qtype):
 
 @pytest.mark.parametrize("qtype", NATIVE, ids=lambda q: q.name)
 def test_prefill_rows_unpack_to_the_bfloat16_weight(qtype):
-    """From DENSE_FROM_ROWS rows on, W is unpacked for a dense matmul: bit for bit the packing's float32
+    """From `dense_from_rows` rows on, W is unpacked for a dense matmul: bit for bit the packing's float32
     q s + (z - 8 s) with the kernel's bfloat16 scales and zeros, collapsed, rounded once to bfloat16 (so no
     output moves with how it is unpacked), and within bfloat16's rounding of the dequantized weight."""
     weight = quantized(qtype)
@@ -64,7 +64,7 @@ def test_prefill_rows_unpack_to_the_bfloat16_weight(qtype):
     assert torch.equal(layer.unpack().t().view(torch.int16), expected.view(torch.int16))
     assert torch.allclose(layer.unpack().t().float(), reference, rtol=2 ** -7,
                           atol=2 ** -7 * reference.abs().max().item())
-    x = torch.randn(DENSE_FROM_ROWS, weight.shape[1], generator=torch.Generator().manual_seed(1)).bfloat16()
+    x = torch.randn(layer.dense_from_rows, weight.shape[1], generator=torch.Generator().manual_seed(1)).bfloat16()
     assert torch.equal(layer(x), torch.nn.functional.linear(x, expected))
     exact = x.float() @ reference.t()
     dense_error = (torch.nn.functional.linear(x, reference.bfloat16()).float() - exact).abs().max()
@@ -73,7 +73,7 @@ def test_prefill_rows_unpack_to_the_bfloat16_weight(qtype):
 
 def test_prefill_unpacks_the_weight_in_tiles(monkeypatch):
     layer = QuantizedLinear(quantized(Q.Q6_K, rows=192))
-    x = torch.randn(DENSE_FROM_ROWS, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
+    x = torch.randn(layer.dense_from_rows, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
     whole = layer(x)
     monkeypatch.setattr("reprise.models.layers.quant.linear._DENSE_TILE", 64)
     assert torch.equal(layer(x), whole)
