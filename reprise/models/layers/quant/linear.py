@@ -1,4 +1,4 @@
-"""GGUF weights kept quantized, multiplied by PyTorch's int4 groupwise CPU kernel.
+"""GGUF weights kept quantized, multiplied by reprise's or PyTorch's int4 groupwise CPU kernel.
 
 formats.py and sixteen.py repack each type exactly into the kernel's operands. The kernel's float32
 path is 10-70x slower than its bfloat16 one on x86, so activations are rounded to bfloat16 for the
@@ -18,6 +18,7 @@ from torch import nn
 
 from reprise.models.layers.quant.formats import (GROUP, NATIVE_TYPES, SIXTEEN_TYPES, GGMLTensor, Packing, collapse,
                                                  expand, pack_thirty_two)
+from reprise.models.layers.quant.kernel import int4_kernel_loaded
 from reprise.models.layers.quant.sixteen import pack_sixteen
 
 _PACK_ROWS = 4096           # rows packed at a time, bounding the int32 scratch; packing is row-local
@@ -27,6 +28,10 @@ _ROW_BLOCK = 64             # rows the CPU packing interleaves
 # 576 x 1536 at 96 1.10 / 1.04; 960 x 576 at 112 0.73 / 0.64; 576 x 576 at 128 0.51 / 0.49. Summed over
 # a layer's four, the two paths tie near 96 rows (4.29 / 4.22 ms).
 DENSE_FROM_ROWS = 96
+# the same crossover with reprise's kernel (kernel.py), which unpacks each weight once per call: a layer's
+# four matmuls (ms, kernel / unpack + dense) 21.0 / 22.2 at 768 rows, 29.1 / 27.5 at 1024; at 512 rows
+# 17.8 / 19.9 (3072 x 576 9.66 / 10.97, 576 x 1536 2.95 / 2.94). A default step (512 tokens) stays in the kernel.
+OWN_KERNEL_DENSE_FROM_ROWS = 768
 _DENSE_TILE = 2048          # weight rows unpacked at a time for a dense matmul, bounding the scratch
 
 
@@ -45,9 +50,12 @@ class QuantizedLinear(nn.Module):
 
     Buffers: `packed` (uint8, the kernel's layout) and `scales_zeros`, bfloat16 [groups, out, 2] stored
     as its int16 bits so that `Module.to(dtype)` leaves it alone. Inputs enter as `expand` lays them
-    out, with `chunk` and `coefs` from the packing. A call with at least DENSE_FROM_ROWS rows (a prefill
-    chunk) unpacks W to bfloat16 for that call and runs a dense matmul: the kernel unpacks the weight
-    again for every few rows, and at 512 rows it is 1.8x slower than one unpacking plus a dense matmul.
+    out, with `chunk` and `coefs` from the packing. The matmul is reprise's kernel (`reprise::int4_mm`,
+    kernel.py) where `own_kernel` (the CPU has AVX-512 BF16 and the kernel built), else aten's. A call
+    with at least `dense_from_rows` rows (a long prefill chunk) unpacks W to bfloat16 for that call and
+    runs a dense matmul: aten's kernel unpacks the weight again for every few rows (at 512 rows 1.8x
+    slower than one unpacking plus a dense matmul, so from DENSE_FROM_ROWS), reprise's once per call
+    (from OWN_KERNEL_DENSE_FROM_ROWS).
     """
 
     def __init__(self, weight: GGMLTensor, bias: nn.Parameter | None = None):
@@ -66,15 +74,20 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("packed", torch.cat(packed))
         self.register_buffer("scales_zeros", torch.cat(scales_zeros, dim=1).contiguous().view(torch.int16))
         self.dense_ok = self.out_features % _ROW_BLOCK == 0 and _packing_is_row_blocked()
+        self.own_kernel = self.dense_ok and int4_kernel_loaded()
+        self.dense_from_rows = OWN_KERNEL_DENSE_FROM_ROWS if self.own_kernel else DENSE_FROM_ROWS
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         # the compiled decode graph (layers/compiled.py) holds decode rows only, however many
-        if self.dense_ok and not torch.compiler.is_compiling() and flat.shape[0] >= DENSE_FROM_ROWS:
+        if self.dense_ok and not torch.compiler.is_compiling() and flat.shape[0] >= self.dense_from_rows:
             tiles = [flat @ self.unpack(start, start + _DENSE_TILE)
                      for start in range(0, self.out_features, _DENSE_TILE)]
             out = tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
+        elif self.own_kernel:
+            out = torch.ops.reprise.int4_mm(expand(flat, self.chunk, self.coefs).contiguous(), self.packed,
+                                            self.scales_zeros)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(expand(flat, self.chunk, self.coefs), self.packed,
                                                               GROUP, self.scales_zeros.view(torch.bfloat16))
