@@ -95,13 +95,23 @@ class Engine:
         if self.tiers is not None:
             self.tiers.kv, self.tiers.states = self.runner.kv, self.runner.states
         if config.compile and not layout.has_recurrent:
-            start = time.perf_counter()
-            self.runner.warm_up()
-            log.info("decode graph ready in %.1f s (docs/compile.md)", time.perf_counter() - start)
+            self._build_decode_graph(model)
         self.kv_pool_bytes = self.runner.kv.nbytes + sum(states.nbytes for states in self.runner.states)
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._num_steps = 0
+
+    def _build_decode_graph(self, model) -> None:
+        """Compiles the decode graph now, before the first request (docs/compile.md). Where it cannot
+        be built (no C++ compiler, say), the engine decodes eagerly and the log says why."""
+        start = time.perf_counter()
+        try:
+            self.runner.warm_up()
+        except Exception as error:      # noqa: BLE001 - inductor's failures share no type
+            log.warning("the decode graph did not build, decoding eagerly: %s: %s", type(error).__name__, error)
+            model.decode_graph = None
+            return
+        log.info("decode graph ready in %.1f s (docs/compile.md)", time.perf_counter() - start)
 
     def _tier_link(self, model, layout) -> TierLink | None:
         """The tiers and KV-event observers (build_tiers, build_observers), when any is configured

@@ -82,6 +82,17 @@ def test_a_step_of_chunks_and_decodes_splits_them_and_changes_no_token(engines, 
     assert any(first_decodes)           # a step of chunk rows, then decode rows
 
 
+def test_an_engine_whose_graph_does_not_build_decodes_eagerly(tmp_path, monkeypatch, caplog):
+    def fails(*args):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(DecodeGraph, "__call__", fails)
+    tiny_model(tmp_path, transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(num_hidden_layers=1))
+    llm = LLM(str(tmp_path), dtype="float32", kv_cache_bytes="8MiB", compile=True)
+    assert llm.engine.runner.model.decode_graph is None
+    assert "the decode graph did not build, decoding eagerly: RuntimeError: no C++ compiler" in caplog.text
+    assert len(llm.generate([ids(6, 20)], GREEDY)[0].token_ids) == 12
+
+
 def test_compile_flag_and_cache_dir(monkeypatch):
     parser = build_parser()
     assert engine_config(parser.parse_args(["generate", "--prompt", "x", "--compile"])).compile is True
