@@ -10,9 +10,8 @@ its matmuls, and its C++ wrapper calls the kernels without Python in between.
   metadata (Python dataclasses whose shapes follow the contexts) reach it through `DecodeGraph`,
   which holds them for the length of the call, so the graph never guards on them and one graph
   serves every context length.
-- Decode rows only. Batch 1 compiles a static graph, the first other size one graph with a
-  symbolic batch (Dynamo's automatic dynamic shapes) that every later size reuses: two graphs per
-  process. `warm_up` builds both before the first request. Prefill chunks stay eager: their work
+- Decode rows only, their count an unbacked size: one graph for every batch size, 1 included,
+  built by the runner's `warm_up` before the first request. Prefill chunks stay eager: their work
   is in the matmuls, their sizes vary up to the step budget, and a prompt token then rounds the
   same whether the cache held its prefix or not (hot == cold).
 - A decode row always takes the graph, whatever else the step holds (the step's chunks run
@@ -36,7 +35,8 @@ import torch
 from reprise.models.layers.attention import paged_attention
 from reprise.models.layers.batch import AttentionBatch
 
-# what the compiled graph's attention op reads, per engine thread: (caches, attention) of the step
+# what the compiled graph's attention op reads, per engine thread: (caches, attention) of the running
+# step, cleared after it, so nothing of one request outlives its step here (no tenant state)
 _STEP = threading.local()
 
 
