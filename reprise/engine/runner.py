@@ -20,6 +20,7 @@ from reprise.models import state_specs
 from reprise.models.config import ModelConfig, cache_layout
 from reprise.engine.metadata import SeqRows, attention_batch, slot_mapping
 from reprise.models.layers.batch import AttentionBatch, ForwardBatch, RecurrentBatch, RecurrentChunk
+from reprise.models.layers.quant.kernel import cpu_flags
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,7 @@ class PromptLogprobs:
 
 
 def cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

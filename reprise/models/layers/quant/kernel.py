@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 @lru_cache(maxsize=1)
 def int4_kernel_loaded() -> bool:
     """Whether `reprise::int4_mm` is registered: the CPU has what it needs and it built (once per process)."""
-    if not _cpu_flags() >= _CPU_FLAGS:
+    if not cpu_flags() >= _CPU_FLAGS:
         return False
     try:
         _build_and_load()
@@ -42,7 +42,8 @@ def int4_kernel_loaded() -> bool:
     return True
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty where /proc/cpuinfo cannot be read)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
