@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser redis serve test bench clean
+.PHONY: setup browser redis compiler serve test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[test]'
 	touch $(STAMP)
 
-setup: $(STAMP) browser redis
+setup: $(STAMP) browser redis compiler
 
 # the dashboard's browser tests drive a headless Chromium (Debian's package), installed when missing
 browser:
@@ -27,10 +27,17 @@ browser:
 redis:
 	command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
 
-serve: $(STAMP)
+# serve's compiled decode graph (inductor) and the int4 kernel (quant/int4mm.cpp) are C++ built on the
+# machine: Debian's g++, and Python's headers where the interpreter came without them
+compiler:
+	command -v g++ >/dev/null || (apt-get update && apt-get install -y g++)
+	$(PYTHON) -c "import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()['include'] + '/Python.h'))" \
+		|| (apt-get update && apt-get install -y python3-dev)
+
+serve: $(STAMP) compiler
 	$(VENV)/bin/reprise serve $(ARGS)
 
-test: $(STAMP) browser redis
+test: $(STAMP) browser redis compiler
 	$(PY) -m pytest -q $(ARGS)
 
 bench: $(STAMP)
