@@ -20,7 +20,7 @@ from reprise.models import state_specs
 from reprise.models.config import ModelConfig, cache_layout
 from reprise.engine.metadata import SeqRows, attention_batch, slot_mapping
 from reprise.models.layers.batch import AttentionBatch, ForwardBatch, RecurrentBatch, RecurrentChunk
-from reprise.models.layers.quant.kernel import cpu_flags
+from reprise.models.layers.native import cpu_flags
 
 
 @dataclass(frozen=True)

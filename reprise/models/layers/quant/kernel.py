@@ -15,12 +15,13 @@ aten's: a layer picks its kernel once, at load, so a row's result never depends 
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from reprise.models.layers.native import cpu_flags, load_kernel
 
 _SOURCE = Path(__file__).with_name("int4mm.cpp")
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
@@ -42,25 +43,8 @@ def int4_kernel_loaded() -> bool:
     return True
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux reports them (empty where /proc/cpuinfo cannot be read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
-
-
 def _build_and_load() -> None:
-    from torch.utils.cpp_extension import load        # imports setuptools machinery: only when building
-
-    source = _SOURCE.read_bytes()
-    digest = hashlib.sha256(source + torch.__version__.encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    directory = Path.home() / ".cache" / "reprise" / "kernels" / f"int4mm-{digest}"
-    directory.mkdir(parents=True, exist_ok=True)
-    load(name="reprise_int4mm", sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-         build_directory=str(directory), is_python_module=False)
+    load_kernel("int4mm", _SOURCE, _FLAGS)
     torch.library.register_fake("reprise::int4_mm")(_int4_mm_shape)
 
 
