@@ -99,6 +99,19 @@ void load_scales(const int32_t* scales_zeros, int64_t out_features, int64_t g, i
   }
 }
 
+// sum x over each group of 32 positions, in float32 (two 16-lane halves, added lane by lane, then
+// the lanes in the order _mm512_reduce_add_ps adds them), here rather than as three ATen ops a call
+std::vector<float> group_sums(const uint16_t* x, int64_t count) {
+  std::vector<float> sums(count);
+  for (int64_t i = 0; i < count; ++i) {
+    const uint16_t* at = x + i * kGroup;
+    __m512 low = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)at)), 16));
+    __m512 high = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(at + 16))), 16));
+    sums[i] = _mm512_reduce_add_ps(_mm512_add_ps(low, high));
+  }
+  return sums;
+}
+
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_zeros) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x: contiguous bf16 [rows, positions]");
   const int64_t rows = x.size(0), positions = x.size(1), groups = positions / kGroup;
@@ -106,12 +119,12 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   TORCH_CHECK(positions % kGroup == 0 && out_features % kBlock == 0 && scales_zeros.size(0) == groups &&
               scales_zeros.element_size() == 2 && scales_zeros.is_contiguous() && packed.is_contiguous() &&
               packed.numel() == out_features * positions / 2, "operands do not match");
-  at::Tensor sums = x.view({rows, groups, kGroup}).to(at::kFloat).sum(-1).contiguous();
   at::Tensor out = at::empty({rows, out_features}, x.options());
   const auto* inputs = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  std::vector<float> sums = group_sums(inputs, rows * groups);
   const auto* weights = packed.data_ptr<uint8_t>();
   const auto* coefficients = reinterpret_cast<const int32_t*>(scales_zeros.data_ptr());
-  const float* input_sums = sums.data_ptr<float>();
+  const float* input_sums = sums.data();
   auto* outputs = reinterpret_cast<uint16_t*>(out.data_ptr());
   at::parallel_for(0, out_features / kBlock, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> totals(rows * kBlock);
