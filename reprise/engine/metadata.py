@@ -125,7 +125,10 @@ def _decode_batch(rows: list[SeqRows], q_start: int, block_size: int, window: in
         classes.setdefault(_length_class(row.start + 1 - _first_key(row.start, window)), []).append(i)
     groups = tuple(_padded([rows[i] for i in indices], indices, len(rows), block_size, window, device, dtype)
                    for _, indices in sorted(classes.items()))
-    return DecodeBatch(q_start, groups)
+    tables = [row.block_table[:row.start // block_size + 1] for row in rows]
+    width = max(len(table) for table in tables)
+    padded = [[block or 0 for block in table] + [0] * (width - len(table)) for table in tables]
+    return DecodeBatch(q_start, groups, torch.tensor(padded, dtype=torch.long, device=device))
 
 
 def _length_class(num_keys: int) -> int:

@@ -77,6 +77,9 @@ class DecodeBatch:
 
     q_start: int                 # decode tokens are the last tokens of the batch
     groups: tuple[PaddedDecode, ...]
+    # [num_seqs, max_blocks] int64: each sequence's block ids up to its position's block, padded with 0
+    # (as are released blocks, which no window reaches); what the compiled graph's kernel reads
+    block_tables: torch.Tensor
 
 
 @dataclass(frozen=True)

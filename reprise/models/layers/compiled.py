@@ -5,13 +5,15 @@ At batch 1 a small model's decode step is mostly per-op overhead: a 30-layer 135
 ~60 small ops per layer, each a Python call into the dispatcher. One graph from the embedding to
 the logits removes that: inductor fuses each layer's norms, rope, residuals and activation around
 its matmuls, and its C++ wrapper calls the kernels without Python in between.
-- Paged attention enters the graph as one opaque op, `reprise::paged_attention(q, k, v, layer,
-  scale)`: the compiler sees a function of q, k and v. The step's KV tensors and attention
-  metadata (Python dataclasses whose shapes follow the contexts) reach it through `DecodeGraph`,
-  which holds them for the length of the call, so the graph never guards on them and one graph
-  serves every context length.
-- Decode rows only, their count an unbacked size: one graph for every batch size, 1 included,
-  built by the runner's `warm_up` before the first request. Prefill chunks stay eager: their work
+- Paged attention is reprise's C++ kernel `reprise::decode_attention` (decode_attention.cpp), an
+  op the C++ wrapper calls like aten's: it writes each row's new K/V to its slot and attends over
+  the row's keys through its block table. The graph's inputs are the tokens, the decode rows' block
+  tables (both of unbacked sizes) and the runner's one KV pool tensor, so one graph serves every
+  batch size and context length, and no step goes back to Python between the embedding and the
+  logits. The kernel is built with the graph (`load_decode_attention`); where it cannot be, the
+  graph is not built either and the engine decodes eagerly.
+- Decode rows only: one graph for every batch size, 1 included, built by the runner's `warm_up`
+  before the first request. Prefill chunks stay eager: their work
   is in the matmuls, their sizes vary up to the step budget, and a prompt token then rounds the
   same whether the cache held its prefix or not (hot == cold).
 - A decode row always takes the graph, whatever else the step holds (the step's chunks run
@@ -25,19 +27,20 @@ which some CPUs advertise and then fault on.
 """
 from __future__ import annotations
 
-import dataclasses
+import logging
 import os
-import threading
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from reprise.models.layers.attention import paged_attention
+from reprise.cache.layout import LayerKind
 from reprise.models.layers.batch import AttentionBatch
+from reprise.models.layers.native import cpu_flags, load_kernel
 
-# what the compiled graph's attention op reads, per engine thread: (caches, attention) of the running
-# step, cleared after it, so nothing of one request outlives its step here (no tenant state)
-_STEP = threading.local()
+_SOURCE = Path(__file__).with_name("decode_attention.cpp")
+
+logger = logging.getLogger(__name__)
 
 
 def cache_dir() -> str:
@@ -45,24 +48,40 @@ def cache_dir() -> str:
     return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(Path.home() / ".cache" / "reprise" / "inductor")
 
 
-@torch.library.custom_op("reprise::paged_attention", mutates_args=())
-def _paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
-    """Layer `layer`'s paged attention over the running step's KV (attention.py's paged_attention,
-    which also writes k and v to their slots)."""
-    caches, attention = _STEP.current
-    return paged_attention(q, k, v, *caches[layer], attention, scale)
+@lru_cache(maxsize=1)
+def load_decode_attention() -> None:
+    """Builds and registers `reprise::decode_attention` (once per process); raises where it cannot."""
+    flags = cpu_flags()
+    vector = (["-mavx512f", "-mavx512bw", "-mavx512vl"] if {"avx512f", "avx512bw", "avx512vl"} <= flags
+              else ["-mavx2", "-mfma"] if {"avx2", "fma"} <= flags else [])
+    load_kernel("decode_attention", _SOURCE, ["-O3", "-fopenmp", *vector])
+    torch.library.register_fake("reprise::decode_attention")(_decode_attention_shape)
 
 
-@_paged_attention.register_fake
-def _(q, k, v, layer, scale):
+def _decode_attention_shape(q, k, v, k_cache, v_cache, positions, block_tables, scale, window):
     return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
 
 
-def _rows(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """What the graph computes: float32 logits of every row of tokens ([2, rows]: ids, positions),
-    each layer attending through the op."""
+def _rows(model: torch.nn.Module, tokens: torch.Tensor, block_tables: torch.Tensor, pool: torch.Tensor,
+          window: int | None) -> torch.Tensor:
+    """What the graph computes: float32 logits of every row of tokens ([2, rows]: ids, positions), each
+    layer attending through the kernel over its slice of the pool."""
     input_ids, positions = tokens
-    return model.logits(model.hidden(input_ids, positions, torch.ops.reprise.paged_attention))
+
+    def attend(q, k, v, layer: int, scale: float) -> torch.Tensor:
+        return torch.ops.reprise.decode_attention(q, k, v, pool[layer, 0], pool[layer, 1], positions, block_tables,
+                                                  scale, window)
+    return model.logits(model.hidden(input_ids, positions, attend))
+
+
+def _pool(caches: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """[layers, 2, kv_heads, num_blocks, block_size, dim]: the runner's one KV tensor, of which every
+    layer's (k, v) is a view (runner.py), so the graph takes one input, not two per layer."""
+    keys = caches[0][0]
+    pool = (keys if keys._base is None else keys._base).view(len(caches), 2, *keys.shape)
+    if pool[-1, 1].data_ptr() != caches[-1][1].data_ptr():
+        raise ValueError("the layers' caches are not views of one pool")
+    return pool
 
 
 class DecodeGraph:
@@ -75,6 +94,9 @@ class DecodeGraph:
         import torch._inductor.config as inductor
         inductor.fx_graph_cache = True
         torch._functorch.config.enable_autograd_cache = True
+        # the guards on the model's ~300 parameters are checked through the modules' dict tags (a
+        # module whose __dict__ did not change needs no look inside): 0.9 -> 0.35 ms a step
+        torch._dynamo.config.use_recursive_dict_tags_for_guards = True
         self._rows = torch.compile(_rows, fullgraph=True, options={"cpp_wrapper": True})
 
     def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -82,6 +104,7 @@ class DecodeGraph:
                  logits_indices: torch.Tensor) -> torch.Tensor:
         """Logits at logits_indices: the rows before the first decode eagerly, then the decodes
         through the graph."""
+        load_decode_attention()              # built by the first call, the runner's warm-up
         first = attention.decode.q_start
         out = None
         if first:
@@ -90,16 +113,17 @@ class DecodeGraph:
             chunk_logits = model.eager(input_ids[:first], positions[:first], caches, chunks, logits_indices[chunked])
             out = chunk_logits.new_empty(len(logits_indices), chunk_logits.shape[-1])
             out[chunked] = chunk_logits
-        decodes = AttentionBatch(attention.slot_mapping[first:], (), dataclasses.replace(attention.decode, q_start=0))
         tokens = torch.stack([input_ids[first:], positions[first:]])
-        # the row count as an unbacked size: one graph for every batch size, 1 included (a static
-        # batch-1 graph fuses its reductions otherwise, and a decode alone would round differently)
+        tables = attention.decode.block_tables
+        # row and block counts as unbacked sizes: one graph for every batch size and context, 1
+        # included (a static batch-1 graph fuses its reductions otherwise, and a decode alone would
+        # round differently)
         torch._dynamo.decorators.mark_unbacked(tokens, 1)
-        _STEP.current = caches, decodes
-        try:
-            logits = self._rows(model, tokens)
-        finally:
-            _STEP.current = None
+        torch._dynamo.decorators.mark_unbacked(tables, 0)
+        torch._dynamo.decorators.mark_unbacked(tables, 1)
+        layout = model.cache_layout
+        window = layout.sliding_window if layout.layer_kinds[0] is LayerKind.SLIDING else None
+        logits = self._rows(model, tokens, tables, _pool(caches), window)
         if out is None:
             return logits[logits_indices]
         out[~chunked] = logits[logits_indices[~chunked] - first]
