@@ -27,7 +27,6 @@ which some CPUs advertise and then fault on.
 """
 from __future__ import annotations
 
-import logging
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -39,8 +38,6 @@ from reprise.models.layers.batch import AttentionBatch
 from reprise.models.layers.native import cpu_flags, load_kernel
 
 _SOURCE = Path(__file__).with_name("decode_attention.cpp")
-
-logger = logging.getLogger(__name__)
 
 
 def cache_dir() -> str:

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -215,15 +216,19 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
               positions.size(0) == rows && tables.size(0) == rows, "decode_attention: operands do not match");
   at::Tensor out = at::empty({rows, s.heads * s.dim}, q.options());
   const int64_t* position = positions.data_ptr<int64_t>();
+  const int64_t num_tasks = rows * s.kv_heads;         // one per (row, KV head)
   int64_t work = 0;                                   // keys read, over all tasks
   for (int64_t r = 0; r < rows; ++r) work += (position[r] + 1) * s.kv_heads;
-  // small calls run on this thread: a parallel region costs more than attending to a few hundred keys
-  const int64_t grain = work * s.dim < (1 << 16) ? rows * s.kv_heads : 1;
+  // small calls run on this thread (a parallel region costs more than attending to a few hundred
+  // keys); larger ones hand tasks to whichever thread asks next, so a thread the OS pauses delays
+  // only the task it holds
+  const int64_t num_threads = work * s.dim < (1 << 16) ? 1 : std::min<int64_t>(at::get_num_threads(), num_tasks);
+  std::atomic<int64_t> next_task{0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
-    at::parallel_for(0, rows * s.kv_heads, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, num_threads, 1, [&](int64_t, int64_t) {
       std::vector<float> scratch;
       std::vector<int64_t> slots;
-      for (int64_t task = begin; task < end; ++task) {
+      for (int64_t task; (task = next_task.fetch_add(1, std::memory_order_relaxed)) < num_tasks;) {
         const int64_t row = task / s.kv_heads, head = task % s.kv_heads, p = position[row];
         TORCH_CHECK(p >= 0 && p / s.block_size < s.max_blocks, "decode_attention: position past the block table");
         const int64_t first = window.has_value() ? std::max<int64_t>(0, p - *window + 1) : 0;

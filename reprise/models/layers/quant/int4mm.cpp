@@ -18,6 +18,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <vector>
 
 namespace {
@@ -126,11 +128,16 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   const auto* coefficients = reinterpret_cast<const int32_t*>(scales_zeros.data_ptr());
   const float* input_sums = sums.data();
   auto* outputs = reinterpret_cast<uint16_t*>(out.data_ptr());
-  at::parallel_for(0, out_features / kBlock, 1, [&](int64_t begin, int64_t end) {
+  // blocks go one at a time to whichever thread asks next, not half to each: where the OS takes a
+  // core away for a while (a server's HTTP thread, a client on the same machine), the other thread
+  // takes over the rest instead of the call waiting for the slower half
+  const int64_t num_blocks = out_features / kBlock;
+  std::atomic<int64_t> next_block{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), num_blocks), 1, [&](int64_t, int64_t) {
     std::vector<float> totals(rows * kBlock);
     alignas(64) __m512i pairs[4 * kPairs];
     Group group{pairs, {}, {}, 0, groups, positions};
-    for (int64_t block = begin; block < end; ++block) {
+    for (int64_t block; (block = next_block.fetch_add(1, std::memory_order_relaxed)) < num_blocks;) {
       std::fill(totals.begin(), totals.end(), 0.f);
       for (int64_t g = 0; g < groups; ++g) {
         group.k0 = g * kGroup;
