@@ -58,3 +58,18 @@ def test_tiny_model_matches_transformers(case, tmp_path):
     with torch.no_grad():
         reference = model(torch.tensor([ids])).logits[0, num_prompt - 1:].float()
     assert (ours - reference).abs().max().item() < 1e-5
+
+
+def test_compiled_decode_past_the_window_matches_transformers(tmp_path):
+    """The compiled graph's decode attention (reprise::decode_attention) on a sliding-window model:
+    keys from the window's first position only, the blocks wholly older than it released."""
+    config_cls, model_cls, options, num_prompt, num_decode, chunk, _ = CASES["mistral-sliding"]
+    model = tiny_model(tmp_path, config_cls, model_cls, options)
+    engine = Engine(EngineConfig(model=str(tmp_path), dtype="float32", kv_cache_bytes=4 * 2**20, block_size=16,
+                                 compile=True))
+    assert engine.runner.model.decode_graph is not None
+    ids = torch.randint(0, SIZES["vocab_size"], (num_prompt + num_decode,)).tolist()
+    ours = engine_logits(engine, ids, num_prompt, chunk=chunk, drop_outside=options["sliding_window"])
+    with torch.no_grad():
+        reference = model(torch.tensor([ids])).logits[0, num_prompt - 1:].float()
+    assert (ours - reference).abs().max().item() < 1e-5
