@@ -19,7 +19,7 @@ from reprise import LLM, SamplingParams
 from tests.conftest import words
 
 TOLERANCE = 0.35      # nats; a wrong position or a stale block moves log-probs by whole units
-PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
 
 
 @pytest.fixture(scope="module")
