@@ -41,8 +41,8 @@ template <typename scalar_t>
 constexpr bool kVector = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
 
 // e^x for x <= 0 (a score minus the row's top), 16 lanes: 2^n e^r with n = round(x log2 e) and
-// |r| <= ln 2 / 2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7); e^x under -87
-// flushes to 0, as float32 underflows there anyway
+// |r| <= ln 2 / 2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7); x under -87 is
+// taken as -87 (e^-87 ~ 1.6e-38, nothing beside the top score's e^0 = 1)
 inline __m512 exp16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
