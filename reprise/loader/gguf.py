@@ -28,10 +28,25 @@ _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+?)(?:\.(weight|bias))?")
 _MISSING = object()
 
 
+class _Reader(gguf.GGUFReader):
+    """gguf's reader over a plain ndarray view of its memory map, which still reads the file lazily and
+    read-only. An np.memmap runs Python code on every slice (`__getitem__`, `__array_finalize__`) and
+    the reader slices once per metadata value: for the default model's 98k vocabulary and merge
+    strings that was 1.2M calls, half the time of every load."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._mapped
+
+    @data.setter
+    def data(self, mapped: np.memmap) -> None:
+        self._mapped = mapped.view(np.ndarray)
+
+
 def open_gguf(path: str) -> gguf.GGUFReader:
     """The file's reader (memory-mapped: tensors are read when used); LoadError if it cannot be parsed."""
     try:
-        return gguf.GGUFReader(path)
+        return _Reader(path)
     except Exception as error:  # the reader fails with whatever numpy raises on a cut-off buffer
         raise LoadError(f"corrupt or truncated GGUF file {path}: {_one_line(error)}") from None
 

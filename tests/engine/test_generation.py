@@ -40,9 +40,10 @@ def test_long_prompt_arriving_mid_decode_leaves_others_unchanged(llm_cold):
 
 
 def test_request_bigger_than_free_pool_is_preempted_and_completes_the_same():
-    # 24 blocks of 16 tokens = 384 slots; three requests of 100 + 60 tokens need 3 x 10 blocks
-    small = LLM(dtype="float32", kv_cache_bytes=24 * 16 * 30 * 2 * 3 * 64 * 4, prefix_cache=False, seed=1)
-    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    # 22 blocks of 16 tokens = 352 slots: three prompts of 100 tokens are admitted (3 x 7 blocks), then
+    # 100 + 24 tokens need 3 x 8 blocks, so one is preempted after ~13 tokens and recomputed
+    small = LLM(dtype="float32", kv_cache_bytes=22 * 16 * 30 * 2 * 3 * 64 * 4, prefix_cache=False, seed=1)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     prompts = [prompt_ids(small, f"preempt-{i}", 100) for i in range(3)]
     alone = [small.generate([p], params)[0].token_ids for p in prompts]
     together = small.generate(prompts, params)

@@ -45,7 +45,7 @@ def test_generated_tokens_are_cached_for_the_next_turn(llm):
 
 
 def test_four_turn_chat_session_matches_cold_and_reuses_history(llm, llm_cold):
-    params = SamplingParams(temperature=0, max_tokens=24)
+    params = SamplingParams(temperature=0, max_tokens=12)
     hot = ChatSession(llm, system=words("system-prompt", 60))
     cold = ChatSession(llm_cold, system=words("system-prompt", 60))
     previous = None

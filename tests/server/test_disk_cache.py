@@ -19,7 +19,7 @@ from tests.server.helpers import launch, metric
 
 BLOCK = 16
 FP32_BLOCK_BYTES = 30 * 2 * BLOCK * 3 * 64 * 4
-LONG = 4000                       # 250 blocks
+LONG = 992                        # 62 blocks, prefilled in two chunks of 512 tokens
 
 
 def ids(seed: int, num_tokens: int) -> list[int]:
@@ -64,20 +64,21 @@ def evict_all(url: str, seed: int, num_blocks: int) -> None:
 
 def test_evicted_prompt_comes_back_from_disk_across_restart_and_not_for_another_dtype_or_tenant(tmp_path):
     prompt = ids(1, LONG)
-    with launch(flags(tmp_path, 264)) as server:
+    num_blocks = LONG // BLOCK + 14                    # P and 14 blocks: another P-sized prompt evicts most of P
+    with launch(flags(tmp_path, num_blocks)) as server:
         cold = complete(server.url, prompt)
         assert cold["cached"] == 0 and cold["tiers"] == {"memory": 0, "disk": 0}
-        wait_entries(server.url, 250)
+        wait_entries(server.url, LONG // BLOCK)
         other = complete(server.url, prompt, salt="tenant-b", max_tokens=1)   # P is in memory and on disk
         assert other["cached"] == 0
         complete(server.url, ids(2, 300), salt="tenant-b", max_tokens=1)     # with the line above: P leaves memory
         hot = complete(server.url, prompt)
         assert hot == {"text": cold["text"], "cached": LONG - 1, "tiers": {"memory": 0, "disk": LONG - 1}}
         assert metric(httpx.Client(base_url=server.url), "reprise:prefix_cache_hits_total", tier="disk") == LONG - 1
-    with launch(flags(tmp_path, 264)) as restarted:          # the previous one got SIGTERM
+    with launch(flags(tmp_path, num_blocks)) as restarted:   # the previous one got SIGTERM
         first = complete(restarted.url, prompt)
         assert first == {"text": cold["text"], "cached": LONG - 1, "tiers": {"memory": 0, "disk": LONG - 1}}
-    with launch(flags(tmp_path, 264, "bfloat16")) as bf16:
+    with launch(flags(tmp_path, num_blocks, "bfloat16")) as bf16:
         bf16_cold = complete(bf16.url, prompt)
         assert bf16_cold["cached"] == 0                        # float32 blocks are not this model's
         other = complete(bf16.url, prompt, salt="tenant-b", max_tokens=1)
