@@ -1,6 +1,7 @@
 """`reprise::decode_attention` (reprise/models/layers/decode_attention.cpp), the compiled decode graph's
 attention, against attention computed in float64 from the same keys: scattered blocks, padded block
-tables, a sliding window, grouped query heads; and a row's bits do not depend on its batch."""
+tables, a sliding window, grouped query heads, the second layer of a two-layer pool (the other left
+as it was); and a row's bits do not depend on its batch."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from reprise.models.layers.compiled import load_decode_attention
 
-KV_HEADS, HEADS, BLOCKS, BLOCK_SIZE, SCALE = 3, 9, 40, 16, 0.125
+KV_HEADS, HEADS, BLOCKS, BLOCK_SIZE, SCALE, LAYER = 3, 9, 40, 16, 0.125, 1
 POSITIONS = [0, 5, 70, 33, 150]                 # keys 1, 6, 71, 34, 151: within, across and on block edges
 
 
@@ -34,6 +35,7 @@ def reference(q, k_cache, v_cache, tables, window):
 
 
 def operands(dtype, dim, seed=0):
+    """q, k, v, a [2 layers, 2, kv_heads, blocks, block_size, dim] pool, the block tables and them padded."""
     generator = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=generator).to(dtype)
     blocks = torch.randperm(BLOCKS, generator=generator).tolist()            # scattered, never shared
@@ -42,29 +44,40 @@ def operands(dtype, dim, seed=0):
     padded = torch.tensor([table + [0] * (width - len(table)) for table in tables])
     rows = len(POSITIONS)
     return (randn(rows, HEADS, dim), randn(rows, KV_HEADS, dim), randn(rows, KV_HEADS, dim),
-            randn(KV_HEADS, BLOCKS, BLOCK_SIZE, dim), randn(KV_HEADS, BLOCKS, BLOCK_SIZE, dim), tables, padded)
+            randn(2, 2, KV_HEADS, BLOCKS, BLOCK_SIZE, dim), tables, padded)
+
+
+def attend(q, k, v, pool, positions, tables, window=None):
+    return torch.ops.reprise.decode_attention(q, k, v, pool, LAYER, positions, tables, SCALE, window)
 
 
 @pytest.mark.parametrize("dtype, dim, tolerance", [(torch.float32, 64, 1e-6), (torch.float32, 128, 1e-6),
                                                    (torch.float32, 40, 1e-6), (torch.bfloat16, 64, 2 ** -7)])
 @pytest.mark.parametrize("window", [None, 20])
 def test_decode_attention_is_attention_over_the_rows_keys(dtype, dim, tolerance, window):
-    q, k, v, k_cache, v_cache, tables, padded = operands(dtype, dim)
-    out = torch.ops.reprise.decode_attention(q, k, v, k_cache, v_cache, torch.tensor(POSITIONS), padded, SCALE, window)
+    q, k, v, pool, tables, padded = operands(dtype, dim)
+    before = pool.clone()
+    out = attend(q, k, v, pool, torch.tensor(POSITIONS), padded, window)
+    k_cache, v_cache = pool[LAYER]
     for row, (p, table) in enumerate(zip(POSITIONS, tables)):       # each row's new K/V went to its slot
         block, offset = table[p // BLOCK_SIZE], p % BLOCK_SIZE
         assert torch.equal(k_cache[:, block, offset], k[row]) and torch.equal(v_cache[:, block, offset], v[row])
+        k_cache[:, block, offset], v_cache[:, block, offset] = before[LAYER, :, :, block, offset]
+    assert torch.equal(pool, before)                                 # and nothing else was written
+    k_cache[:, [t[p // BLOCK_SIZE] for t, p in zip(tables, POSITIONS)], [p % BLOCK_SIZE for p in POSITIONS]] = \
+        k.transpose(0, 1)
+    v_cache[:, [t[p // BLOCK_SIZE] for t, p in zip(tables, POSITIONS)], [p % BLOCK_SIZE for p in POSITIONS]] = \
+        v.transpose(0, 1)
     expected = reference(q, k_cache, v_cache, tables, window)
     assert out.shape == (len(POSITIONS), HEADS * dim) and out.dtype == dtype
     assert (out.double() - expected).abs().max() <= tolerance * expected.abs().max()
 
 
 def test_a_rows_bits_do_not_depend_on_its_batch():
-    q, k, v, k_cache, v_cache, tables, padded = operands(torch.bfloat16, 64, seed=1)
+    q, k, v, pool, tables, padded = operands(torch.bfloat16, 64, seed=1)
     positions = torch.tensor(POSITIONS)
-    batched = torch.ops.reprise.decode_attention(q, k, v, k_cache.clone(), v_cache.clone(), positions, padded, SCALE, None)
+    batched = attend(q, k, v, pool.clone(), positions, padded)
     for row, table in enumerate(tables):
-        alone = torch.ops.reprise.decode_attention(q[row:row + 1], k[row:row + 1], v[row:row + 1], k_cache.clone(),
-                                                   v_cache.clone(), positions[row:row + 1],
-                                                   torch.tensor([table]), SCALE, None)
-        assert torch.equal(alone, batched[row:row + 1])
+        one = slice(row, row + 1)
+        alone = attend(q[one], k[one], v[one], pool.clone(), positions[one], torch.tensor([table]))
+        assert torch.equal(alone, batched[one])

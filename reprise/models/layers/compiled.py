@@ -55,7 +55,7 @@ def load_decode_attention() -> None:
     torch.library.register_fake("reprise::decode_attention")(_decode_attention_shape)
 
 
-def _decode_attention_shape(q, k, v, k_cache, v_cache, positions, block_tables, scale, window):
+def _decode_attention_shape(q, k, v, pool, layer, positions, block_tables, scale, window):
     return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
 
 
@@ -66,8 +66,7 @@ def _rows(model: torch.nn.Module, tokens: torch.Tensor, block_tables: torch.Tens
     input_ids, positions = tokens
 
     def attend(q, k, v, layer: int, scale: float) -> torch.Tensor:
-        return torch.ops.reprise.decode_attention(q, k, v, pool[layer, 0], pool[layer, 1], positions, block_tables,
-                                                  scale, window)
+        return torch.ops.reprise.decode_attention(q, k, v, pool, layer, positions, block_tables, scale, window)
     return model.logits(model.hidden(input_ids, positions, attend))
 
 

@@ -3,7 +3,11 @@
 // attends over the sequence's keys through its block table:
 //
 //   q             [rows, heads, dim]          k, v   [rows, kv_heads, dim]
-//   k_cache       [kv_heads, num_blocks, block_size, dim] (v_cache alike): one layer of the pool
+//   pool          [layers, 2, kv_heads, num_blocks, block_size, dim]: the runner's KV of every layer
+//                 (keys, then values); the call reads and writes layer `layer`. The pool goes in
+//                 whole, not as views of one layer: inductor's C++ wrapper dropped the offset of
+//                 such a view once the pool's sizes were symbolic (a recompile for a second pool
+//                 size), and the values were read and written over the keys
 //   positions     int64 [rows]: the row's position p; it attends to keys first..p, where first is
 //                 0, or p - window + 1 under a sliding window
 //   block_tables  int64 [rows, max_blocks]: key position t lies at block_tables[row][t / block_size],
@@ -201,13 +205,15 @@ void attend(const Shape& s, int64_t row, int64_t head, const scalar_t* q, const 
       out[(first_head + g) * dim + d] = static_cast<scalar_t>(sums[g * dim + d] / totals[g]);
 }
 
-at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, at::Tensor& k_cache,
-                            at::Tensor& v_cache, const at::Tensor& positions_in, const at::Tensor& tables_in,
-                            double scale, c10::optional<int64_t> window) {
-  TORCH_CHECK(q_in.dim() == 3 && k_in.dim() == 3 && k_cache.dim() == 4 && tables_in.dim() == 2, "decode_attention: shapes");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "decode_attention: caches must be contiguous");
-  TORCH_CHECK(q_in.scalar_type() == k_cache.scalar_type() && k_in.scalar_type() == k_cache.scalar_type(),
-              "decode_attention: q, k, v and the cache share one dtype");
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, at::Tensor& pool,
+                            int64_t layer, const at::Tensor& positions_in, const at::Tensor& tables_in, double scale,
+                            c10::optional<int64_t> window) {
+  TORCH_CHECK(q_in.dim() == 3 && k_in.dim() == 3 && pool.dim() == 6 && tables_in.dim() == 2, "decode_attention: shapes");
+  TORCH_CHECK(pool.is_contiguous() && layer >= 0 && layer < pool.size(0) && pool.size(1) == 2,
+              "decode_attention: a contiguous [layers, 2, kv_heads, num_blocks, block_size, dim] pool and a layer in it");
+  TORCH_CHECK(q_in.scalar_type() == pool.scalar_type() && k_in.scalar_type() == pool.scalar_type(),
+              "decode_attention: q, k, v and the pool share one dtype");
+  const at::Tensor k_cache = pool.select(0, layer).select(0, 0), v_cache = pool.select(0, layer).select(0, 1);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor positions = positions_in.to(at::kLong).contiguous(), tables = tables_in.to(at::kLong).contiguous();
   const Shape s{q.size(1), k_cache.size(0), q.size(2), k_cache.size(1), k_cache.size(2), tables.size(1)};
@@ -244,7 +250,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(reprise, m) {
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) pool, int layer, Tensor positions, "
         "Tensor block_tables, float scale, int? window) -> Tensor");
 }
 
