@@ -27,8 +27,8 @@ browser:
 redis:
 	command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
 
-# serve's compiled decode graph (inductor) and the int4 kernel (quant/int4mm.cpp) are C++ built on the
-# machine: Debian's g++, and Python's headers where the interpreter came without them
+# serve's compiled decode graph (inductor) and reprise's kernels (quant/int4mm.cpp, decode_attention.cpp)
+# are C++ built on the machine: Debian's g++, and Python's headers where the interpreter came without them
 compiler:
 	command -v g++ >/dev/null || (apt-get update && apt-get install -y g++)
 	$(PYTHON) -c "import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()['include'] + '/Python.h'))" \

@@ -59,15 +59,19 @@ def _slots(table: list[int | None], start: int, end: int, block_size: int) -> to
 
 
 def attention_batch(rows: list[SeqRows], slots: torch.Tensor, block_size: int, window: int | None,
-                    device: torch.device, dtype: torch.dtype) -> AttentionBatch:
-    """Rows: the chunks first, then the decodes (batch.py's order)."""
+                    device: torch.device, dtype: torch.dtype, graph: bool = False) -> AttentionBatch:
+    """Rows: the chunks first, then the decodes (batch.py's order). With `graph` (the model decodes
+    through its compiled graph) the decodes get block tables, else padded groups: each path's own."""
     chunks, q_start = [], 0
     for row in rows:
         if row.chunk:
             chunks.append(_prefill_chunk(row, q_start, block_size, window, device, dtype))
             q_start += row.num_tokens
     decodes = [row for row in rows if not row.chunk]
-    decode = _decode_batch(decodes, q_start, block_size, window, device, dtype) if decodes else None
+    decode = None
+    if decodes:
+        decode = (DecodeBatch(q_start, (), _block_tables(decodes, block_size, device)) if graph
+                  else _decode_batch(decodes, q_start, block_size, window, device, dtype))
     return AttentionBatch(slots, tuple(chunks), decode)
 
 
@@ -125,10 +129,16 @@ def _decode_batch(rows: list[SeqRows], q_start: int, block_size: int, window: in
         classes.setdefault(_length_class(row.start + 1 - _first_key(row.start, window)), []).append(i)
     groups = tuple(_padded([rows[i] for i in indices], indices, len(rows), block_size, window, device, dtype)
                    for _, indices in sorted(classes.items()))
+    return DecodeBatch(q_start, groups)
+
+
+def _block_tables(rows: list[SeqRows], block_size: int, device: torch.device) -> torch.Tensor:
+    """[num_seqs, max_blocks]: each decode's block ids up to its position's block, padded with 0, as
+    are released blocks (no window reaches them)."""
     tables = [row.block_table[:row.start // block_size + 1] for row in rows]
     width = max(len(table) for table in tables)
     padded = [[block or 0 for block in table] + [0] * (width - len(table)) for table in tables]
-    return DecodeBatch(q_start, groups, torch.tensor(padded, dtype=torch.long, device=device))
+    return torch.tensor(padded, dtype=torch.long, device=device)
 
 
 def _length_class(num_keys: int) -> int:

@@ -228,7 +228,8 @@ class ModelRunner:
     def _attention(self, rows: list[SeqRows]) -> tuple[AttentionBatch | None, AttentionBatch | None]:
         """The full and sliding attention metadata of these rows (None for a kind the model lacks)."""
         slots = slot_mapping(rows, self.block_size).to(self.device)
-        batch = lambda window: attention_batch(rows, slots, self.block_size, window, self.device, self.dtype)
+        graph = getattr(self.model, "decode_graph", None) is not None   # None where it did not build
+        batch = lambda window: attention_batch(rows, slots, self.block_size, window, self.device, self.dtype, graph)
         full = batch(None) if LayerKind.FULL in self.kinds or self.window is None else None
         sliding = None
         if LayerKind.SLIDING in self.kinds:

@@ -72,14 +72,15 @@ class PaddedDecode:
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    """One query per sequence, in groups of similar context length (so one long context never
-    pads the short ones to its length)."""
+    """One query per sequence: for eager attention in groups of similar context length (so one long
+    context never pads the short ones to its length); for the compiled graph's kernel (compiled.py)
+    as block tables, and no groups."""
 
     q_start: int                 # decode tokens are the last tokens of the batch
     groups: tuple[PaddedDecode, ...]
     # [num_seqs, max_blocks] int64: each sequence's block ids up to its position's block, padded with 0
-    # (as are released blocks, which no window reaches); what the compiled graph's kernel reads
-    block_tables: torch.Tensor
+    # (as are released blocks, which no window reaches); None for eager attention
+    block_tables: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
